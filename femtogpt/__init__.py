@@ -1,0 +1,17 @@
+"""femtogpt: train a small GPT from scratch on your own text, on a CPU.
+
+    from femtogpt import GPT, GPTConfig
+    model = GPT(GPTConfig(vocab_size=65), seed=0)
+    logits, loss = model.forward(idx, targets)
+    grads = model.backward()
+"""
+from ._core import get_num_threads, set_num_threads
+from .errors import CheckpointError, ConfigError, DataError, FemtoGPTError, TokenizerError
+from .model import GPT, GPTConfig
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GPT", "GPTConfig", "get_num_threads", "set_num_threads", "FemtoGPTError",
+    "ConfigError", "DataError", "TokenizerError", "CheckpointError", "__version__",
+]

@@ -1,0 +1,1275 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+"""femtogpt's compiled core: float32 storage and every forward/backward kernel.
+
+Reading order
+  1. Buffer           aligned float32 storage that numpy views without copying
+  2. threads, BLAS    one thread pool (OpenMP); sgemm from scipy's OpenBLAS, pinned
+                      to one thread and called on per-thread slices of the product
+  3. kernels          <op>_forward / <op>_backward pairs over flat float* buffers,
+                      `noexcept nogil`, llm.c's argument order:
+                      outputs and caches, then inputs, then parameters, then sizes
+  4. def wrappers     the same kernels callable from Python (tests, readers)
+  5. Graph            the GPT's fixed compute graph: forward, backward, AdamW,
+                      over one parameter block, one gradient block and one
+                      activation block laid out once per (B, T)
+
+Conventions
+  * Row-major everywhere. A "row" is one (batch, time) position: N = B*T rows.
+  * Linear weights are stored as PyTorch does, (out, in): y = x @ W^T + b.
+  * Backward passes ACCUMULATE (+=) into parameter gradients, so zeroing the
+    gradients is one memset and gradient accumulation is free. Gradients with
+    respect to activations are WRITTEN (=), except where a kernel says otherwise
+    (layernorm_backward adds into the residual stream's gradient).
+  * Kernels trust their arguments. Everything they index is validated in Python
+    before the GIL is released (model.py, and the def wrappers below).
+  * Reductions are done in a fixed order that does not depend on the number of
+    threads, so 1 and 2 threads give the same numbers.
+"""
+
+from cython.parallel cimport prange
+cimport openmp
+from libc.math cimport sqrtf, expf, logf, tanhf, sqrt, pow
+from libc.stdint cimport uint32_t, uint64_t, int32_t
+from libc.stdlib cimport free
+from libc.string cimport memset, memcpy
+from scipy.linalg.cython_blas cimport sgemm
+import numpy as np
+
+cdef extern from "stdlib.h":
+    int posix_memalign(void **memptr, size_t alignment, size_t size) nogil
+
+
+# ---------------------------------------------------------------------------
+# 1. Buffer: aligned float32 storage
+# ---------------------------------------------------------------------------
+
+DEF ALIGN_BYTES = 64      # one cache line, and one AVX-512 register
+DEF ALIGN_FLOATS = 16     # the same in float32 elements
+
+
+cdef class Buffer:
+    """`size` float32 values, 64-byte aligned, zero-filled, owned by the core.
+
+    `np.asarray(buffer)` is a writable 1-D view of the same memory (no copy);
+    the view keeps the Buffer alive.
+    """
+    cdef float* data
+    cdef readonly Py_ssize_t size
+    cdef Py_ssize_t shape[1]
+    cdef Py_ssize_t strides[1]
+
+    def __cinit__(self, Py_ssize_t size):
+        cdef void* ptr = NULL
+        cdef size_t nbytes
+        if size < 0:
+            raise ValueError(f"Buffer size must be >= 0, got {size}")
+        # Round up to whole cache lines; allocate at least one so data is never NULL.
+        nbytes = ((<size_t>size * 4 + ALIGN_BYTES - 1) // ALIGN_BYTES) * ALIGN_BYTES
+        if nbytes == 0:
+            nbytes = ALIGN_BYTES
+        if posix_memalign(&ptr, ALIGN_BYTES, nbytes) != 0:
+            raise MemoryError(f"could not allocate {nbytes} bytes")
+        memset(ptr, 0, nbytes)
+        self.data = <float*>ptr
+        self.size = size
+        self.shape[0] = size
+        self.strides[0] = 4
+
+    def __dealloc__(self):
+        free(self.data)
+
+    def __getbuffer__(self, Py_buffer* view, int flags):
+        view.buf = <void*>self.data
+        view.obj = self
+        view.len = self.size * 4
+        view.itemsize = 4
+        view.readonly = 0
+        view.ndim = 1
+        view.format = b"f"
+        view.shape = self.shape
+        view.strides = self.strides
+        view.suboffsets = NULL
+        view.internal = NULL
+
+    def __releasebuffer__(self, Py_buffer* view):
+        pass
+
+    def address(self):
+        """The address of the first element (tests check the alignment)."""
+        return <size_t>self.data
+
+
+# ---------------------------------------------------------------------------
+# 2. Threads and BLAS
+# ---------------------------------------------------------------------------
+
+def get_num_threads():
+    """Threads the kernels use (OMP_NUM_THREADS, or the number of cores)."""
+    return openmp.omp_get_max_threads()
+
+
+def set_num_threads(int n):
+    if n < 1:
+        raise ValueError(f"number of threads must be >= 1, got {n}")
+    openmp.omp_set_num_threads(n)
+
+
+cdef inline void gemm(bint trans_a, bint trans_b, int M, int N, int K,
+                      float alpha, const float* A, int lda,
+                      const float* B, int ldb,
+                      float beta, float* C, int ldc) noexcept nogil:
+    """Row-major C (M x N) = alpha * op(A) @ op(B) + beta * C, op(A) is M x K.
+
+    BLAS is column-major; a row-major matrix is the column-major view of its
+    transpose, so C^T = op(B)^T op(A)^T is computed by swapping the operands.
+    """
+    cdef char ta = b"T" if trans_b else b"N"
+    cdef char tb = b"T" if trans_a else b"N"
+    if M <= 0 or N <= 0:
+        return
+    sgemm(&ta, &tb, &N, &M, &K, &alpha, <float*>B, &ldb, <float*>A, &lda,
+          &beta, C, &ldc)
+
+
+cdef void gemm_parallel(bint trans_a, bint trans_b, int M, int N, int K,
+                        float alpha, const float* A, int lda,
+                        const float* B, int ldb,
+                        float beta, float* C, int ldc) noexcept nogil:
+    """gemm() split over threads along the larger of M and N.
+
+    BLAS runs single-threaded (see femtogpt/_threads.py) so that OpenMP is the
+    only thread pool: each thread multiplies its own slice of rows (or columns)
+    of C, and no slice is written by two threads.
+    """
+    cdef int nthreads = openmp.omp_get_max_threads()
+    cdef int chunk, part, start, count
+    cdef bint split_rows = M >= N
+    cdef int extent = M if split_rows else N
+    # Slices narrower than 32 cost more in BLAS overhead than they gain.
+    if nthreads > extent // 32:
+        nthreads = extent // 32
+    if nthreads <= 1:
+        gemm(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc)
+        return
+    # Slice edges on multiples of 16 keep each slice's start cache-line aligned.
+    chunk = (extent + nthreads - 1) // nthreads
+    chunk = ((chunk + 15) // 16) * 16
+    for part in prange(nthreads, schedule="static", num_threads=nthreads):
+        start = part * chunk
+        count = extent - start
+        if count > chunk:
+            count = chunk
+        if count <= 0:
+            continue
+        if split_rows:
+            # Rows start..start+count of op(A): A's rows, or A's columns if transposed.
+            gemm(trans_a, trans_b, count, N, K, alpha,
+                 A + (<Py_ssize_t>start if trans_a else <Py_ssize_t>start * lda), lda,
+                 B, ldb, beta, C + <Py_ssize_t>start * ldc, ldc)
+        else:
+            gemm(trans_a, trans_b, M, count, K, alpha, A, lda,
+                 B + (<Py_ssize_t>start * ldb if trans_b else <Py_ssize_t>start), ldb,
+                 beta, C + start, ldc)
+
+
+# Column-chunk width for weight-gradient reductions over rows: each thread owns
+# whole chunks of channels, so no two threads add into the same gradient entry.
+DEF COL_CHUNK = 16
+
+
+# ---------------------------------------------------------------------------
+# 3. Kernels
+# ---------------------------------------------------------------------------
+
+# --- token + position embedding ---------------------------------------------
+
+cdef void encoder_forward(float* out,
+                          const int32_t* idx, const float* wte, const float* wpe,
+                          int B, int T, int C) noexcept nogil:
+    # out (B,T,C) = wte[idx[b,t]] + wpe[t];  idx (B,T), wte (V,C), wpe (maxT,C)
+    cdef Py_ssize_t n, c
+    cdef const float* tok_row
+    cdef const float* pos_row
+    cdef float* out_row
+    for n in prange(<Py_ssize_t>B * T, schedule="static"):
+        tok_row = wte + <Py_ssize_t>idx[n] * C
+        pos_row = wpe + (n % T) * C
+        out_row = out + n * C
+        for c in range(C):
+            out_row[c] = tok_row[c] + pos_row[c]
+
+
+cdef void encoder_backward(float* dwte, float* dwpe,
+                           const float* dout, const int32_t* idx,
+                           int B, int T, int C) noexcept nogil:
+    # dwte (V,C) += scatter of dout rows by token; dwpe (maxT,C) += sum over b.
+    # The same token appears in many rows, so threads split channels, not rows.
+    cdef Py_ssize_t n_chunks = (C + COL_CHUNK - 1) // COL_CHUNK
+    cdef Py_ssize_t chunk, n, c, c0, c1
+    cdef const float* dout_row
+    cdef float* dwte_row
+    cdef float* dwpe_row
+    for chunk in prange(n_chunks, schedule="static"):
+        c0 = chunk * COL_CHUNK
+        c1 = c0 + COL_CHUNK
+        if c1 > C:
+            c1 = C
+        for n in range(<Py_ssize_t>B * T):
+            dout_row = dout + n * C
+            dwte_row = dwte + <Py_ssize_t>idx[n] * C
+            dwpe_row = dwpe + (n % T) * C
+            for c in range(c0, c1):
+                dwte_row[c] += dout_row[c]
+                dwpe_row[c] += dout_row[c]
+
+
+# --- LayerNorm ----------------------------------------------------------------
+
+DEF LN_EPS = 1e-5
+
+
+cdef inline void layernorm_row(float* out, float* mean, float* rstd,
+                               const float* x, const float* w, const float* b,
+                               int C) noexcept nogil:
+    cdef int c
+    cdef float m = 0.0, v = 0.0, d, s
+    for c in range(C):
+        m += x[c]
+    m = m / C
+    for c in range(C):
+        d = x[c] - m
+        v += d * d
+    s = 1.0 / sqrtf(v / C + LN_EPS)
+    for c in range(C):
+        out[c] = (x[c] - m) * s * w[c] + b[c]
+    mean[0] = m
+    rstd[0] = s
+
+
+cdef void layernorm_forward(float* out, float* mean, float* rstd,
+                            const float* inp, const float* weight, const float* bias,
+                            Py_ssize_t N, int C) noexcept nogil:
+    # out (N,C), mean (N), rstd (N) = 1/sqrt(var + eps); inp (N,C); weight, bias (C)
+    cdef Py_ssize_t n
+    for n in prange(N, schedule="static"):
+        layernorm_row(out + n * C, mean + n, rstd + n, inp + n * C, weight, bias, C)
+
+
+cdef inline void layernorm_backward_row(float* dx, const float* dout, const float* x,
+                                        const float* w, float m, float s,
+                                        int C) noexcept nogil:
+    # dx += s * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)), dxhat = dout * w
+    cdef int c
+    cdef float dxhat, xhat, mean_dxhat = 0.0, mean_dxhat_xhat = 0.0
+    for c in range(C):
+        dxhat = dout[c] * w[c]
+        mean_dxhat += dxhat
+        mean_dxhat_xhat += dxhat * (x[c] - m) * s
+    mean_dxhat = mean_dxhat / C
+    mean_dxhat_xhat = mean_dxhat_xhat / C
+    for c in range(C):
+        xhat = (x[c] - m) * s
+        dx[c] += s * (dout[c] * w[c] - mean_dxhat - xhat * mean_dxhat_xhat)
+
+
+cdef void layernorm_backward(float* dinp, float* dweight, float* dbias,
+                             const float* dout, const float* inp, const float* weight,
+                             const float* mean, const float* rstd,
+                             Py_ssize_t N, int C) noexcept nogil:
+    # dinp (N,C) += ...  (it is the residual stream's gradient: accumulate)
+    # dweight, dbias (C) += sums over rows, split by channel chunks.
+    cdef Py_ssize_t n, c, chunk, c0, c1
+    cdef Py_ssize_t n_chunks = (C + COL_CHUNK - 1) // COL_CHUNK
+    cdef const float* x_row
+    cdef const float* dout_row
+    cdef float s, m
+    for n in prange(N, schedule="static"):
+        layernorm_backward_row(dinp + n * C, dout + n * C, inp + n * C, weight,
+                               mean[n], rstd[n], C)
+    for chunk in prange(n_chunks, schedule="static"):
+        c0 = chunk * COL_CHUNK
+        c1 = c0 + COL_CHUNK
+        if c1 > C:
+            c1 = C
+        for n in range(N):
+            x_row = inp + n * C
+            dout_row = dout + n * C
+            m = mean[n]
+            s = rstd[n]
+            for c in range(c0, c1):
+                dweight[c] += dout_row[c] * (x_row[c] - m) * s
+                dbias[c] += dout_row[c]
+
+
+# --- linear layer (matmul + bias) --------------------------------------------
+
+cdef void fill_rows(float* out, const float* row, Py_ssize_t N, int C) noexcept nogil:
+    # out (N,C): every row a copy of row (C)
+    cdef Py_ssize_t n
+    for n in prange(N, schedule="static"):
+        memcpy(out + n * C, row, C * sizeof(float))
+
+
+cdef void matmul_forward(float* out,
+                         const float* inp, const float* weight, const float* bias,
+                         Py_ssize_t N, int C_in, int C_out) noexcept nogil:
+    # out (N,C_out) = inp (N,C_in) @ weight (C_out,C_in)^T + bias (C_out, or NULL)
+    if bias != NULL:
+        fill_rows(out, bias, N, C_out)
+    gemm_parallel(False, True, <int>N, C_out, C_in, 1.0, inp, C_in, weight, C_in,
+                  1.0 if bias != NULL else 0.0, out, C_out)
+
+
+cdef void bias_backward(float* dbias, const float* dout, Py_ssize_t N, int C) noexcept nogil:
+    # dbias (C) += column sums of dout (N,C)
+    cdef Py_ssize_t n, c, chunk, c0, c1
+    cdef Py_ssize_t n_chunks = (C + COL_CHUNK - 1) // COL_CHUNK
+    cdef const float* dout_row
+    for chunk in prange(n_chunks, schedule="static"):
+        c0 = chunk * COL_CHUNK
+        c1 = c0 + COL_CHUNK
+        if c1 > C:
+            c1 = C
+        for n in range(N):
+            dout_row = dout + n * C
+            for c in range(c0, c1):
+                dbias[c] += dout_row[c]
+
+
+cdef void matmul_backward(float* dinp, float* dweight, float* dbias,
+                          const float* dout, const float* inp, const float* weight,
+                          Py_ssize_t N, int C_in, int C_out) noexcept nogil:
+    # dinp (N,C_in) = dout (N,C_out) @ weight (C_out,C_in)      (written)
+    # dweight (C_out,C_in) += dout^T @ inp;  dbias (C_out) += column sums of dout
+    # dinp may be NULL when the input needs no gradient; dbias NULL when no bias.
+    if dinp != NULL:
+        gemm_parallel(False, False, <int>N, C_in, C_out, 1.0, dout, C_out, weight, C_in,
+                      0.0, dinp, C_in)
+    gemm_parallel(True, False, C_out, C_in, <int>N, 1.0, dout, C_out, inp, C_in,
+                  1.0, dweight, C_in)
+    if dbias != NULL:
+        bias_backward(dbias, dout, N, C_out)
+
+
+# --- dropout (inverted, seeded) ------------------------------------------------
+
+cdef inline uint32_t hash_u32(uint64_t seed, uint64_t i) noexcept nogil:
+    # splitmix64's finaliser on (seed, i): a counter-based random stream, so the
+    # mask does not depend on thread scheduling and backward can recompute it
+    # instead of storing it.
+    cdef uint64_t z = seed + (i + 1) * <uint64_t>0x9E3779B97F4A7C15
+    z = (z ^ (z >> 30)) * <uint64_t>0xBF58476D1CE4E5B9
+    z = (z ^ (z >> 27)) * <uint64_t>0x94D049BB133111EB
+    z = z ^ (z >> 31)
+    return <uint32_t>(z >> 32)
+
+
+cdef inline float dropout_scale(uint64_t seed, uint64_t i, uint32_t threshold,
+                                float keep_scale) noexcept nogil:
+    # 0 with probability p (hash below threshold = p * 2^32), else 1/(1-p)
+    return keep_scale if hash_u32(seed, i) >= threshold else 0.0
+
+
+cdef inline uint32_t dropout_threshold(float p) noexcept nogil:
+    return <uint32_t>(<double>p * 4294967296.0)
+
+
+cdef void dropout_forward(float* out, const float* inp, Py_ssize_t n, float p,
+                          uint64_t seed) noexcept nogil:
+    # out (n) = inp * mask / (1 - p); out may be inp (in place)
+    cdef Py_ssize_t i
+    cdef uint32_t threshold = dropout_threshold(p)
+    cdef float keep_scale = 1.0 / (1.0 - p)
+    for i in prange(n, schedule="static"):
+        out[i] = inp[i] * dropout_scale(seed, i, threshold, keep_scale)
+
+
+cdef void dropout_backward(float* dinp, const float* dout, Py_ssize_t n, float p,
+                           uint64_t seed) noexcept nogil:
+    # dinp (n) = dout * mask / (1 - p), the same mask recomputed from the seed
+    dropout_forward(dinp, dout, n, p, seed)
+
+
+# --- residual add ---------------------------------------------------------------
+
+cdef void residual_forward(float* out, const float* a, const float* b,
+                           Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in prange(n, schedule="static"):
+        out[i] = a[i] + b[i]
+
+
+cdef void residual_backward(float* da, float* db, const float* dout,
+                            Py_ssize_t n) noexcept nogil:
+    # da, db (n) += dout. The graph keeps the residual stream's gradient in one
+    # buffer (da is dout itself), so it only needs this for the branch side.
+    cdef Py_ssize_t i
+    for i in prange(n, schedule="static"):
+        da[i] += dout[i]
+        db[i] += dout[i]
+
+
+# --- GELU, tanh approximation (GPT-2) ------------------------------------------
+
+DEF GELU_K = 0.7978845608028654     # sqrt(2 / pi)
+DEF GELU_C = 0.044715
+
+
+cdef void gelu_forward(float* out, const float* inp, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t i
+    cdef float x
+    for i in prange(n, schedule="static"):
+        x = inp[i]
+        out[i] = 0.5 * x * (1.0 + tanhf(GELU_K * (x + GELU_C * x * x * x)))
+
+
+cdef void gelu_backward(float* dinp, const float* inp, const float* dout,
+                        Py_ssize_t n) noexcept nogil:
+    # dinp (n) = gelu'(inp) * dout; dinp may be dout (in place)
+    cdef Py_ssize_t i
+    cdef float x, th, sech2
+    for i in prange(n, schedule="static"):
+        x = inp[i]
+        th = tanhf(GELU_K * (x + GELU_C * x * x * x))
+        sech2 = 1.0 - th * th
+        dinp[i] = dout[i] * (0.5 * (1.0 + th)
+                             + 0.5 * x * sech2 * GELU_K * (1.0 + 3.0 * GELU_C * x * x))
+
+
+# --- causal multi-head self-attention -------------------------------------------
+
+cdef inline void causal_softmax_rows(float* att, int T) noexcept nogil:
+    # att (T,T): row i keeps columns 0..i (softmax over them), the rest become 0
+    cdef int i, j
+    cdef float mx, total, inv
+    cdef float* row
+    for i in range(T):
+        row = att + <Py_ssize_t>i * T
+        mx = row[0]
+        for j in range(1, i + 1):
+            if row[j] > mx:
+                mx = row[j]
+        total = 0.0
+        for j in range(i + 1):
+            row[j] = expf(row[j] - mx)
+            total = total + row[j]
+        inv = 1.0 / total
+        for j in range(i + 1):
+            row[j] = row[j] * inv
+        for j in range(i + 1, T):
+            row[j] = 0.0
+
+
+cdef inline void apply_dropout_tt(float* out, const float* att, int T, float p,
+                                  uint64_t seed, uint64_t first) noexcept nogil:
+    # out (T,T) = att * mask / (1-p); mask drawn for elements first..first+T*T
+    cdef Py_ssize_t i
+    cdef uint32_t threshold = dropout_threshold(p)
+    cdef float keep_scale = 1.0 / (1.0 - p)
+    for i in range(<Py_ssize_t>T * T):
+        out[i] = att[i] * dropout_scale(seed, first + i, threshold, keep_scale)
+
+
+cdef inline void attention_head_forward(float* out, float* att, float* scratch,
+                                        const float* qkv, int T, int C, int hs,
+                                        float p, uint64_t seed,
+                                        uint64_t first) noexcept nogil:
+    # One (batch, head). q, k, v are column blocks of qkv (T, 3C): row stride 3C.
+    # out: this head's columns of (T, C), row stride C. att (T,T): probabilities.
+    cdef const float* q = qkv
+    cdef const float* k = qkv + C
+    cdef const float* v = qkv + 2 * C
+    cdef float scale = 1.0 / sqrtf(hs)
+    cdef const float* att_used = att
+    # att = scale * q @ k^T, then softmax over the causal past
+    gemm(False, True, T, T, hs, scale, q, 3 * C, k, 3 * C, 0.0, att, T)
+    causal_softmax_rows(att, T)
+    if p > 0.0:
+        apply_dropout_tt(scratch, att, T, p, seed, first)
+        att_used = scratch
+    # out = att @ v
+    gemm(False, False, T, hs, T, 1.0, att_used, T, v, 3 * C, 0.0, out, C)
+
+
+cdef void attention_forward(float* out, float* att, float* scratch,
+                            const float* qkv,
+                            int B, int T, int C, int NH,
+                            float p, uint64_t seed, int n_slots) noexcept nogil:
+    # out (B,T,C): heads side by side; att (B,NH,T,T); qkv (B,T,3C)
+    # scratch: n_slots * 2*T*T floats, one slot per thread (dropout only)
+    cdef int hs = C // NH
+    cdef Py_ssize_t bh, b, h, tt = <Py_ssize_t>T * T
+    cdef int nthreads = openmp.omp_get_max_threads()
+    if nthreads > n_slots:
+        nthreads = n_slots
+    for bh in prange(<Py_ssize_t>B * NH, schedule="dynamic", num_threads=nthreads):
+        b = bh // NH
+        h = bh % NH
+        attention_head_forward(out + b * T * C + h * hs, att + bh * tt,
+                               scratch + openmp.omp_get_thread_num() * 2 * tt,
+                               qkv + b * T * 3 * C + h * hs, T, C, hs,
+                               p, seed, <uint64_t>(bh * tt))
+
+
+cdef inline void attention_head_backward(float* dqkv, float* scratch,
+                                         const float* dout, const float* qkv,
+                                         const float* att, int T, int C, int hs,
+                                         float p, uint64_t seed,
+                                         uint64_t first) noexcept nogil:
+    # One (batch, head): dq, dk, dv are written into this head's columns of dqkv.
+    cdef const float* q = qkv
+    cdef const float* k = qkv + C
+    cdef const float* v = qkv + 2 * C
+    cdef float* dq = dqkv
+    cdef float* dk = dqkv + C
+    cdef float* dv = dqkv + 2 * C
+    cdef float scale = 1.0 / sqrtf(hs)
+    cdef Py_ssize_t tt = <Py_ssize_t>T * T
+    cdef float* datt = scratch            # (T,T): d(att), then d(scores)
+    cdef float* att_dropped = scratch + tt
+    cdef const float* att_used = att
+    cdef uint32_t threshold = dropout_threshold(p)
+    cdef float keep_scale = 1.0
+    cdef Py_ssize_t i, j
+    cdef float dot
+    cdef float* drow
+    cdef const float* arow
+    if p > 0.0:
+        keep_scale = 1.0 / (1.0 - p)
+        apply_dropout_tt(att_dropped, att, T, p, seed, first)
+        att_used = att_dropped
+    # dv = att_used^T @ dout;  datt = dout @ v^T
+    gemm(True, False, T, hs, T, 1.0, att_used, T, dout, C, 0.0, dv, 3 * C)
+    gemm(False, True, T, T, hs, 1.0, dout, C, v, 3 * C, 0.0, datt, T)
+    # through dropout, then softmax: dscore = att * (datt - sum_j att * datt)
+    for i in range(T):
+        drow = datt + i * T
+        arow = att + i * T
+        if p > 0.0:
+            for j in range(i + 1):
+                drow[j] = drow[j] * dropout_scale(seed, first + i * T + j, threshold,
+                                                  keep_scale)
+        dot = 0.0
+        for j in range(i + 1):
+            dot = dot + arow[j] * drow[j]
+        for j in range(i + 1):
+            drow[j] = arow[j] * (drow[j] - dot)
+        for j in range(i + 1, T):
+            drow[j] = 0.0
+    # dq = scale * dscore @ k;  dk = scale * dscore^T @ q
+    gemm(False, False, T, hs, T, scale, datt, T, k, 3 * C, 0.0, dq, 3 * C)
+    gemm(True, False, T, hs, T, scale, datt, T, q, 3 * C, 0.0, dk, 3 * C)
+
+
+cdef void attention_backward(float* dqkv, float* scratch,
+                             const float* dout, const float* qkv, const float* att,
+                             int B, int T, int C, int NH,
+                             float p, uint64_t seed, int n_slots) noexcept nogil:
+    # dqkv (B,T,3C) written; dout (B,T,C); qkv, att as saved by forward
+    cdef int hs = C // NH
+    cdef Py_ssize_t bh, b, h, tt = <Py_ssize_t>T * T
+    cdef int nthreads = openmp.omp_get_max_threads()
+    if nthreads > n_slots:
+        nthreads = n_slots
+    for bh in prange(<Py_ssize_t>B * NH, schedule="dynamic", num_threads=nthreads):
+        b = bh // NH
+        h = bh % NH
+        attention_head_backward(dqkv + b * T * 3 * C + h * hs,
+                                scratch + openmp.omp_get_thread_num() * 2 * tt,
+                                dout + b * T * C + h * hs, qkv + b * T * 3 * C + h * hs,
+                                att + bh * tt, T, C, hs, p, seed, <uint64_t>(bh * tt))
+
+
+# --- fused softmax + cross-entropy ------------------------------------------------
+
+cdef inline float crossentropy_row(float* lse, const float* logits, int target,
+                                   int V) noexcept nogil:
+    cdef int v
+    cdef float mx = logits[0], total = 0.0, l
+    for v in range(1, V):
+        if logits[v] > mx:
+            mx = logits[v]
+    for v in range(V):
+        total = total + expf(logits[v] - mx)
+    l = mx + logf(total)
+    lse[0] = l
+    return l - logits[target]
+
+
+cdef void crossentropy_forward(float* losses, float* lse,
+                               const float* logits, const int32_t* targets,
+                               Py_ssize_t N, int V) noexcept nogil:
+    # losses (N) = logsumexp(logits[n]) - logits[n, targets[n]];  lse (N) saved
+    cdef Py_ssize_t n
+    for n in prange(N, schedule="static"):
+        losses[n] = crossentropy_row(lse + n, logits + n * V, targets[n], V)
+
+
+cdef void crossentropy_backward(float* dlogits,
+                                const float* logits, const float* lse,
+                                const int32_t* targets, float dloss,
+                                Py_ssize_t N, int V) noexcept nogil:
+    # dlogits (N,V) = dloss * (softmax(logits) - onehot(targets)); written.
+    # dloss is d(total loss)/d(each row's loss): 1/N for the mean.
+    cdef Py_ssize_t n, v
+    cdef const float* row
+    cdef float* drow
+    cdef float l
+    for n in prange(N, schedule="static"):
+        row = logits + n * V
+        drow = dlogits + n * V
+        l = lse[n]
+        for v in range(V):
+            drow[v] = expf(row[v] - l) * dloss
+        drow[targets[n]] -= dloss
+
+
+# --- AdamW and gradient norm ---------------------------------------------------------
+
+DEF REDUCE_CHUNK = 8192
+
+
+cdef double sum_of_squares(const float* x, Py_ssize_t n) noexcept nogil:
+    # Fixed chunks summed in a fixed order: the same bits with any thread count.
+    cdef Py_ssize_t n_chunks = (n + REDUCE_CHUNK - 1) // REDUCE_CHUNK
+    cdef Py_ssize_t chunk, i, i0, i1
+    cdef double total = 0.0, part
+    cdef double* partial = NULL
+    cdef double stack_partial[1024]
+    if n_chunks <= 1024:
+        partial = stack_partial
+    else:
+        # Chunks are large enough that this covers 8M parameters per 1k entries;
+        # beyond that, fall back to a sequential sum (still deterministic).
+        for i in range(n):
+            total += <double>x[i] * x[i]
+        return total
+    for chunk in prange(n_chunks, schedule="static"):
+        i0 = chunk * REDUCE_CHUNK
+        i1 = i0 + REDUCE_CHUNK
+        if i1 > n:
+            i1 = n
+        part = 0.0
+        for i in range(i0, i1):
+            part = part + <double>x[i] * x[i]
+        partial[chunk] = part
+    for chunk in range(n_chunks):
+        total += partial[chunk]
+    return total
+
+
+cdef void adamw_update(float* params, float* m, float* v,
+                       const float* grads,
+                       Py_ssize_t n, Py_ssize_t n_decay,
+                       float lr, float beta1, float beta2, float eps,
+                       float weight_decay, float grad_scale, int step) noexcept nogil:
+    # PyTorch's AdamW on flat buffers (n). Elements [0, n_decay) get weight
+    # decay, the rest (biases, LayerNorm) do not. grad_scale folds gradient
+    # clipping into this pass. step counts from 1.
+    cdef Py_ssize_t i
+    cdef float g, m_hat, v_hat
+    cdef float bias1 = 1.0 - <float>pow(beta1, step)
+    cdef float bias2 = 1.0 - <float>pow(beta2, step)
+    cdef float decay
+    for i in prange(n, schedule="static"):
+        g = grads[i] * grad_scale
+        m[i] = beta1 * m[i] + (1.0 - beta1) * g
+        v[i] = beta2 * v[i] + (1.0 - beta2) * g * g
+        m_hat = m[i] / bias1
+        v_hat = v[i] / bias2
+        decay = weight_decay if i < n_decay else 0.0
+        params[i] = params[i] - lr * decay * params[i] - lr * m_hat / (sqrtf(v_hat) + eps)
+
+
+# ---------------------------------------------------------------------------
+# 4. Python entry points to single kernels
+#
+# The same kernels, callable on numpy arrays, for tests and for reading. Each
+# takes C-contiguous 1-D float32 arrays (pass `a.ravel()` of a contiguous array)
+# in the kernel's argument order and checks every length before running.
+# ---------------------------------------------------------------------------
+
+cdef _need(name, Py_ssize_t got, Py_ssize_t want):
+    if got != want:
+        raise ValueError(f"{name}: expected {want} elements, got {got}")
+
+
+def _need_positive(**sizes):
+    for name, value in sizes.items():
+        if value <= 0:
+            raise ValueError(f"{name} must be positive, got {value}")
+
+
+cdef _need_ids(const int32_t[::1] ids, Py_ssize_t n, int limit, name):
+    cdef Py_ssize_t i
+    _need(name, ids.shape[0], n)
+    for i in range(n):
+        if ids[i] < 0 or ids[i] >= limit:
+            raise ValueError(f"{name}[{i}] = {ids[i]} is outside [0, {limit})")
+
+
+def py_encoder_forward(float[::1] out, const int32_t[::1] idx, const float[::1] wte,
+                       const float[::1] wpe, int B, int T, int C):
+    _need_positive(B=B, T=T, C=C)
+    _need("out", out.shape[0], <Py_ssize_t>B * T * C)
+    _need_ids(idx, <Py_ssize_t>B * T, wte.shape[0] // C, "idx")
+    if wpe.shape[0] < <Py_ssize_t>T * C or wte.shape[0] % C:
+        raise ValueError("wte must be (V, C) and wpe at least (T, C)")
+    with nogil:
+        encoder_forward(&out[0], &idx[0], &wte[0], &wpe[0], B, T, C)
+
+
+def py_encoder_backward(float[::1] dwte, float[::1] dwpe, const float[::1] dout,
+                        const int32_t[::1] idx, int B, int T, int C):
+    _need_positive(B=B, T=T, C=C)
+    _need("dout", dout.shape[0], <Py_ssize_t>B * T * C)
+    _need_ids(idx, <Py_ssize_t>B * T, dwte.shape[0] // C, "idx")
+    if dwpe.shape[0] < <Py_ssize_t>T * C or dwte.shape[0] % C:
+        raise ValueError("dwte must be (V, C) and dwpe at least (T, C)")
+    with nogil:
+        encoder_backward(&dwte[0], &dwpe[0], &dout[0], &idx[0], B, T, C)
+
+
+def py_layernorm_forward(float[::1] out, float[::1] mean, float[::1] rstd,
+                         const float[::1] inp, const float[::1] weight,
+                         const float[::1] bias, Py_ssize_t N, int C):
+    _need_positive(N=N, C=C)
+    for name, arr, size in (("out", out, N * C), ("mean", mean, N), ("rstd", rstd, N),
+                            ("inp", inp, N * C), ("weight", weight, C), ("bias", bias, C)):
+        _need(name, arr.shape[0], size)
+    with nogil:
+        layernorm_forward(&out[0], &mean[0], &rstd[0], &inp[0], &weight[0], &bias[0], N, C)
+
+
+def py_layernorm_backward(float[::1] dinp, float[::1] dweight, float[::1] dbias,
+                          const float[::1] dout, const float[::1] inp,
+                          const float[::1] weight, const float[::1] mean,
+                          const float[::1] rstd, Py_ssize_t N, int C):
+    _need_positive(N=N, C=C)
+    for name, arr, size in (("dinp", dinp, N * C), ("dweight", dweight, C),
+                            ("dbias", dbias, C), ("dout", dout, N * C), ("inp", inp, N * C),
+                            ("weight", weight, C), ("mean", mean, N), ("rstd", rstd, N)):
+        _need(name, arr.shape[0], size)
+    with nogil:
+        layernorm_backward(&dinp[0], &dweight[0], &dbias[0], &dout[0], &inp[0],
+                           &weight[0], &mean[0], &rstd[0], N, C)
+
+
+def py_matmul_forward(float[::1] out, const float[::1] inp, const float[::1] weight,
+                      bias, Py_ssize_t N, int C_in, int C_out):
+    cdef const float[::1] bias_view
+    cdef const float* bias_ptr = NULL
+    _need_positive(N=N, C_in=C_in, C_out=C_out)
+    for name, arr, size in (("out", out, N * C_out), ("inp", inp, N * C_in),
+                            ("weight", weight, C_out * C_in)):
+        _need(name, arr.shape[0], size)
+    if bias is not None:
+        bias_view = bias
+        _need("bias", bias_view.shape[0], C_out)
+        bias_ptr = &bias_view[0]
+    with nogil:
+        matmul_forward(&out[0], &inp[0], &weight[0], bias_ptr, N, C_in, C_out)
+
+
+def py_matmul_backward(float[::1] dinp, float[::1] dweight, dbias,
+                       const float[::1] dout, const float[::1] inp,
+                       const float[::1] weight, Py_ssize_t N, int C_in, int C_out):
+    cdef float[::1] dbias_view
+    cdef float* dbias_ptr = NULL
+    _need_positive(N=N, C_in=C_in, C_out=C_out)
+    for name, arr, size in (("dinp", dinp, N * C_in), ("dweight", dweight, C_out * C_in),
+                            ("dout", dout, N * C_out), ("inp", inp, N * C_in),
+                            ("weight", weight, C_out * C_in)):
+        _need(name, arr.shape[0], size)
+    if dbias is not None:
+        dbias_view = dbias
+        _need("dbias", dbias_view.shape[0], C_out)
+        dbias_ptr = &dbias_view[0]
+    with nogil:
+        matmul_backward(&dinp[0], &dweight[0], dbias_ptr, &dout[0], &inp[0], &weight[0],
+                        N, C_in, C_out)
+
+
+def _check_attention_sizes(int B, int T, int C, int NH):
+    _need_positive(B=B, T=T, C=C, NH=NH)
+    if C % NH:
+        raise ValueError(f"C={C} is not divisible by NH={NH}")
+
+
+def py_attention_forward(float[::1] out, float[::1] att, const float[::1] qkv,
+                         int B, int T, int C, int NH, float p=0.0, uint64_t seed=0):
+    cdef Py_ssize_t n_slots = openmp.omp_get_max_threads()
+    cdef Buffer scratch = Buffer(n_slots * 2 * <Py_ssize_t>T * T)
+    _check_attention_sizes(B, T, C, NH)
+    _check_dropout(p)
+    for name, arr, size in (("out", out, <Py_ssize_t>B * T * C),
+                            ("att", att, <Py_ssize_t>B * NH * T * T),
+                            ("qkv", qkv, <Py_ssize_t>B * T * 3 * C)):
+        _need(name, arr.shape[0], size)
+    with nogil:
+        attention_forward(&out[0], &att[0], scratch.data, &qkv[0], B, T, C, NH,
+                          p, seed, <int>n_slots)
+
+
+def py_attention_backward(float[::1] dqkv, const float[::1] dout, const float[::1] qkv,
+                          const float[::1] att, int B, int T, int C, int NH,
+                          float p=0.0, uint64_t seed=0):
+    cdef Py_ssize_t n_slots = openmp.omp_get_max_threads()
+    cdef Buffer scratch = Buffer(n_slots * 2 * <Py_ssize_t>T * T)
+    _check_attention_sizes(B, T, C, NH)
+    _check_dropout(p)
+    for name, arr, size in (("dqkv", dqkv, <Py_ssize_t>B * T * 3 * C),
+                            ("dout", dout, <Py_ssize_t>B * T * C),
+                            ("qkv", qkv, <Py_ssize_t>B * T * 3 * C),
+                            ("att", att, <Py_ssize_t>B * NH * T * T)):
+        _need(name, arr.shape[0], size)
+    with nogil:
+        attention_backward(&dqkv[0], scratch.data, &dout[0], &qkv[0], &att[0],
+                           B, T, C, NH, p, seed, <int>n_slots)
+
+
+def py_gelu_forward(float[::1] out, const float[::1] inp):
+    _need("out", out.shape[0], inp.shape[0])
+    if inp.shape[0] == 0:
+        return
+    with nogil:
+        gelu_forward(&out[0], &inp[0], inp.shape[0])
+
+
+def py_gelu_backward(float[::1] dinp, const float[::1] inp, const float[::1] dout):
+    _need("dinp", dinp.shape[0], inp.shape[0])
+    _need("dout", dout.shape[0], inp.shape[0])
+    if inp.shape[0] == 0:
+        return
+    with nogil:
+        gelu_backward(&dinp[0], &inp[0], &dout[0], inp.shape[0])
+
+
+def py_residual_forward(float[::1] out, const float[::1] a, const float[::1] b):
+    _need("a", a.shape[0], out.shape[0])
+    _need("b", b.shape[0], out.shape[0])
+    if out.shape[0] == 0:
+        return
+    with nogil:
+        residual_forward(&out[0], &a[0], &b[0], out.shape[0])
+
+
+def py_residual_backward(float[::1] da, float[::1] db, const float[::1] dout):
+    _need("da", da.shape[0], dout.shape[0])
+    _need("db", db.shape[0], dout.shape[0])
+    if dout.shape[0] == 0:
+        return
+    with nogil:
+        residual_backward(&da[0], &db[0], &dout[0], dout.shape[0])
+
+
+def _check_dropout(float p):
+    if not (0.0 <= p < 1.0):
+        raise ValueError(f"dropout must be in [0, 1), got {p}")
+
+
+def py_dropout_forward(float[::1] out, const float[::1] inp, float p, uint64_t seed):
+    _check_dropout(p)
+    _need("out", out.shape[0], inp.shape[0])
+    if inp.shape[0] == 0:
+        return
+    with nogil:
+        dropout_forward(&out[0], &inp[0], inp.shape[0], p, seed)
+
+
+def py_dropout_backward(float[::1] dinp, const float[::1] dout, float p, uint64_t seed):
+    _check_dropout(p)
+    _need("dinp", dinp.shape[0], dout.shape[0])
+    if dout.shape[0] == 0:
+        return
+    with nogil:
+        dropout_backward(&dinp[0], &dout[0], dout.shape[0], p, seed)
+
+
+def py_crossentropy_forward(float[::1] losses, float[::1] lse, const float[::1] logits,
+                            const int32_t[::1] targets, Py_ssize_t N, int V):
+    _need_positive(N=N, V=V)
+    _need("losses", losses.shape[0], N)
+    _need("lse", lse.shape[0], N)
+    _need("logits", logits.shape[0], N * V)
+    _need_ids(targets, N, V, "targets")
+    with nogil:
+        crossentropy_forward(&losses[0], &lse[0], &logits[0], &targets[0], N, V)
+
+
+def py_crossentropy_backward(float[::1] dlogits, const float[::1] logits,
+                             const float[::1] lse, const int32_t[::1] targets,
+                             float dloss, Py_ssize_t N, int V):
+    _need_positive(N=N, V=V)
+    _need("dlogits", dlogits.shape[0], N * V)
+    _need("logits", logits.shape[0], N * V)
+    _need("lse", lse.shape[0], N)
+    _need_ids(targets, N, V, "targets")
+    with nogil:
+        crossentropy_backward(&dlogits[0], &logits[0], &lse[0], &targets[0], dloss, N, V)
+
+
+def py_sum_of_squares(const float[::1] x):
+    if x.shape[0] == 0:
+        return 0.0
+    cdef double total
+    with nogil:
+        total = sum_of_squares(&x[0], x.shape[0])
+    return total
+
+
+def py_adamw_update(float[::1] params, float[::1] m, float[::1] v, const float[::1] grads,
+                    Py_ssize_t n_decay, float lr, float beta1, float beta2, float eps,
+                    float weight_decay, float grad_scale, int step):
+    cdef Py_ssize_t n = params.shape[0]
+    for name, arr in (("m", m), ("v", v), ("grads", grads)):
+        _need(name, arr.shape[0], n)
+    if not 0 <= n_decay <= n:
+        raise ValueError(f"n_decay={n_decay} is outside [0, {n}]")
+    if step < 1:
+        raise ValueError(f"step counts from 1, got {step}")
+    if n == 0:
+        return
+    with nogil:
+        adamw_update(&params[0], &m[0], &v[0], &grads[0], n, n_decay, lr, beta1, beta2,
+                     eps, weight_decay, grad_scale, step)
+
+
+# ---------------------------------------------------------------------------
+# 5. Graph: the GPT's forward and backward over flat buffers
+# ---------------------------------------------------------------------------
+
+# The parameter tensors, by the short names model.py's layout table uses. Each
+# per-layer tensor is stacked over layers: (L, ...).
+PARAM_KEYS = ("wte", "wpe", "qkvw", "attprojw", "fcw", "fcprojw",
+              "ln1w", "ln1b", "qkvb", "attprojb", "ln2w", "ln2b", "fcb", "fcprojb",
+              "lnfw", "lnfb")
+
+cdef struct Params:
+    float* wte        # (V, C)       token embedding, also the lm_head
+    float* wpe        # (maxT, C)    position embedding
+    float* qkvw       # (L, 3C, C)   attn.c_attn.weight: q, k, v stacked on the output axis
+    float* attprojw   # (L, C, C)    attn.c_proj.weight
+    float* fcw        # (L, 4C, C)   mlp.c_fc.weight
+    float* fcprojw    # (L, C, 4C)   mlp.c_proj.weight
+    float* ln1w       # (L, C)
+    float* ln1b       # (L, C)
+    float* qkvb       # (L, 3C)
+    float* attprojb   # (L, C)
+    float* ln2w       # (L, C)
+    float* ln2b       # (L, C)
+    float* fcb        # (L, 4C)
+    float* fcprojb    # (L, C)
+    float* lnfw       # (C)
+    float* lnfb       # (C)
+
+
+cdef struct Activations:
+    # Saved by forward for backward, stacked over layers where per layer.
+    float* encoded    # (N, C)       embeddings: the residual stream entering layer 0
+    float* ln1        # (L, N, C)
+    float* ln1_mean   # (L, N)
+    float* ln1_rstd   # (L, N)
+    float* qkv        # (L, N, 3C)
+    float* att        # (L, B, NH, T, T) attention probabilities (before dropout)
+    float* atty       # (L, N, C)    attention output, heads side by side, before c_proj
+    float* res2       # (L, N, C)    residual stream after the attention branch
+    float* ln2        # (L, N, C)
+    float* ln2_mean   # (L, N)
+    float* ln2_rstd   # (L, N)
+    float* fch        # (L, N, 4C)   mlp.c_fc output
+    float* fch_gelu   # (L, N, 4C)
+    float* res3       # (L, N, C)    residual stream leaving the layer
+    float* lnf        # (N, C)
+    float* lnf_mean   # (N)
+    float* lnf_rstd   # (N)
+    float* logits     # (N, V)
+    float* lse        # (N)          logsumexp of each row of logits
+    float* losses     # (N)
+    # Scratch, reused by every layer and not needed after the step:
+    float* branch     # (N, C)       a branch's c_proj output before the residual add
+    float* dres       # (N, C)       gradient of the residual stream
+    float* dbranch    # (N, C)       gradient of a branch output through dropout
+    float* dln        # (N, C)       gradient of a LayerNorm output / attention output
+    float* dqkv       # (N, 3C)
+    float* dfch       # (N, 4C)      gradient of the mlp hidden layer (before/after GELU)
+    float* dlogits    # (N, V)
+    float* att_scratch  # (n_slots, 2, T, T) per-thread attention workspace
+
+
+cdef inline uint64_t site_seed(uint64_t seed, uint64_t site) noexcept nogil:
+    # A separate dropout stream for each place dropout is applied in one step.
+    return (<uint64_t>hash_u32(seed, 2 * site) << 32) | hash_u32(seed, 2 * site + 1)
+
+
+cdef class Graph:
+    """Forward and backward of the GPT, one call each, without the GIL.
+
+    params and grads are Buffers laid out by model.py (offsets by PARAM_KEYS);
+    the Graph owns the activation Buffer, sized for the largest (B, T) seen.
+    """
+    cdef readonly int V, max_T, L, NH, C
+    cdef readonly int B, T              # shape of the last forward
+    cdef readonly bint has_targets      # last forward had targets: backward is allowed
+    cdef readonly double loss
+    cdef Buffer params_buf, grads_buf, acts_buf
+    cdef Params p, g
+    cdef Activations a
+    cdef int n_slots
+    cdef float dropout
+    cdef uint64_t seed
+    cdef int32_t[::1] idx, targets
+
+    def __init__(self, int V, int max_T, int L, int NH, int C,
+                 Buffer params not None, Buffer grads not None, dict offsets not None):
+        _need_positive(V=V, max_T=max_T, L=L, NH=NH, C=C)
+        if C % NH:
+            raise ValueError(f"C={C} is not divisible by NH={NH}")
+        sizes = {
+            "wte": V * C, "wpe": max_T * C, "qkvw": L * 3 * C * C,
+            "attprojw": L * C * C, "fcw": L * 4 * C * C, "fcprojw": L * 4 * C * C,
+            "ln1w": L * C, "ln1b": L * C, "qkvb": L * 3 * C, "attprojb": L * C,
+            "ln2w": L * C, "ln2b": L * C, "fcb": L * 4 * C, "fcprojb": L * C,
+            "lnfw": C, "lnfb": C,
+        }
+        for key in PARAM_KEYS:
+            off = offsets[key]
+            if off < 0 or off + sizes[key] > params.size or off + sizes[key] > grads.size:
+                raise ValueError(f"parameter {key} at offset {off} does not fit the buffers")
+        if params.size != grads.size:
+            raise ValueError("params and grads buffers differ in size")
+        self.V, self.max_T, self.L, self.NH, self.C = V, max_T, L, NH, C
+        self.params_buf, self.grads_buf = params, grads
+        self.p = _param_pointers(params.data, offsets)
+        self.g = _param_pointers(grads.data, offsets)
+        self.acts_buf = None
+        self.B = self.T = 0
+        self.has_targets = False
+
+    # -- activation layout -------------------------------------------------------
+
+    cdef Py_ssize_t _layout(self, float* base, int B, int T, int n_slots):
+        """Assign activation pointers from base (or only count, if base is NULL).
+
+        Returns the number of floats needed. Every array starts on a cache line.
+        """
+        cdef Py_ssize_t used = 0
+        cdef Py_ssize_t N = <Py_ssize_t>B * T, C = self.C, L = self.L, V = self.V
+        cdef Py_ssize_t TT = <Py_ssize_t>T * T
+        cdef Activations* a = &self.a
+        _take(&a.encoded, N * C, base, &used)
+        _take(&a.ln1, L * N * C, base, &used)
+        _take(&a.ln1_mean, L * N, base, &used)
+        _take(&a.ln1_rstd, L * N, base, &used)
+        _take(&a.qkv, L * N * 3 * C, base, &used)
+        _take(&a.att, L * B * self.NH * TT, base, &used)
+        _take(&a.atty, L * N * C, base, &used)
+        _take(&a.res2, L * N * C, base, &used)
+        _take(&a.ln2, L * N * C, base, &used)
+        _take(&a.ln2_mean, L * N, base, &used)
+        _take(&a.ln2_rstd, L * N, base, &used)
+        _take(&a.fch, L * N * 4 * C, base, &used)
+        _take(&a.fch_gelu, L * N * 4 * C, base, &used)
+        _take(&a.res3, L * N * C, base, &used)
+        _take(&a.lnf, N * C, base, &used)
+        _take(&a.lnf_mean, N, base, &used)
+        _take(&a.lnf_rstd, N, base, &used)
+        _take(&a.logits, N * V, base, &used)
+        _take(&a.lse, N, base, &used)
+        _take(&a.losses, N, base, &used)
+        _take(&a.branch, N * C, base, &used)
+        _take(&a.dres, N * C, base, &used)
+        _take(&a.dbranch, N * C, base, &used)
+        _take(&a.dln, N * C, base, &used)
+        _take(&a.dqkv, N * 3 * C, base, &used)
+        _take(&a.dfch, N * 4 * C, base, &used)
+        _take(&a.dlogits, N * V, base, &used)
+        _take(&a.att_scratch, n_slots * 2 * TT, base, &used)
+        return used
+
+    cdef _prepare(self, int B, int T):
+        # Grow the activation block when (B, T) needs more room, then lay it out.
+        cdef int n_slots = openmp.omp_get_max_threads()
+        cdef Py_ssize_t need = self._layout(NULL, B, T, n_slots)
+        if self.acts_buf is None or self.acts_buf.size < need:
+            self.acts_buf = None    # free the old block before allocating the new one
+            self.acts_buf = Buffer(need)
+        self._layout(self.acts_buf.data, B, T, n_slots)
+        self.n_slots = n_slots
+        self.B, self.T = B, T
+
+    @property
+    def activation_bytes(self):
+        return 0 if self.acts_buf is None else self.acts_buf.size * 4
+
+    def logits_view(self):
+        """The last forward's logits, (B*T*V,) as a view into the activation block."""
+        cdef Py_ssize_t off = self.a.logits - self.acts_buf.data
+        return np.asarray(self.acts_buf)[off:off + <Py_ssize_t>self.B * self.T * self.V]
+
+    # -- forward ------------------------------------------------------------------
+
+    def forward(self, const int32_t[:, ::1] idx not None, targets=None,
+                float dropout=0.0, uint64_t seed=0):
+        """Run the model on idx (B, T) int32; with targets (B, T) also the mean loss.
+
+        Returns the loss (float) or None. Ids are checked here as well as in
+        model.py: the kernels index embedding rows with them.
+        """
+        cdef int B = idx.shape[0], T = idx.shape[1]
+        cdef const int32_t[:, ::1] targets_view
+        if B < 1 or T < 1 or T > self.max_T:
+            raise ValueError(f"idx must be (B, T) with B >= 1 and 1 <= T <= {self.max_T}")
+        _check_dropout(dropout)
+        self.idx = np.ascontiguousarray(idx).reshape(-1)
+        _need_ids(self.idx, <Py_ssize_t>B * T, self.V, "idx")
+        self.has_targets = False
+        if targets is not None:
+            targets_view = targets
+            if targets_view.shape[0] != B or targets_view.shape[1] != T:
+                raise ValueError("targets must have the same shape as idx")
+            self.targets = np.ascontiguousarray(targets_view).reshape(-1)
+            _need_ids(self.targets, <Py_ssize_t>B * T, self.V, "targets")
+        self._prepare(B, T)
+        self.dropout, self.seed = dropout, seed
+        with nogil:
+            self._forward(targets is not None)
+        self.has_targets = targets is not None
+        return self.loss if targets is not None else None
+
+    cdef void _forward(self, bint with_targets) noexcept nogil:
+        cdef int B = self.B, T = self.T, C = self.C, NH = self.NH, V = self.V
+        cdef Py_ssize_t N = <Py_ssize_t>B * T, l
+        cdef Py_ssize_t NC = N * C
+        cdef float p = self.dropout
+        cdef Params* w = &self.p
+        cdef Activations* a = &self.a
+        cdef float* res
+        cdef double total = 0.0
+        cdef Py_ssize_t n
+        encoder_forward(a.encoded, &self.idx[0], w.wte, w.wpe, B, T, C)
+        if p > 0.0:
+            dropout_forward(a.encoded, a.encoded, NC, p, site_seed(self.seed, 0))
+        res = a.encoded
+        for l in range(self.L):
+            # x = x + dropout(c_proj(attention(ln_1(x))))
+            layernorm_forward(a.ln1 + l * NC, a.ln1_mean + l * N, a.ln1_rstd + l * N,
+                              res, w.ln1w + l * C, w.ln1b + l * C, N, C)
+            matmul_forward(a.qkv + l * 3 * NC, a.ln1 + l * NC,
+                           w.qkvw + l * 3 * C * C, w.qkvb + l * 3 * C, N, C, 3 * C)
+            attention_forward(a.atty + l * NC, a.att + l * B * NH * <Py_ssize_t>T * T,
+                              a.att_scratch, a.qkv + l * 3 * NC, B, T, C, NH,
+                              p, site_seed(self.seed, 4 * l + 1), self.n_slots)
+            matmul_forward(a.branch, a.atty + l * NC, w.attprojw + l * C * C,
+                           w.attprojb + l * C, N, C, C)
+            if p > 0.0:
+                dropout_forward(a.branch, a.branch, NC, p, site_seed(self.seed, 4 * l + 2))
+            residual_forward(a.res2 + l * NC, res, a.branch, NC)
+            # x = x + dropout(c_proj(gelu(c_fc(ln_2(x)))))
+            layernorm_forward(a.ln2 + l * NC, a.ln2_mean + l * N, a.ln2_rstd + l * N,
+                              a.res2 + l * NC, w.ln2w + l * C, w.ln2b + l * C, N, C)
+            matmul_forward(a.fch + l * 4 * NC, a.ln2 + l * NC, w.fcw + l * 4 * C * C,
+                           w.fcb + l * 4 * C, N, C, 4 * C)
+            gelu_forward(a.fch_gelu + l * 4 * NC, a.fch + l * 4 * NC, 4 * NC)
+            matmul_forward(a.branch, a.fch_gelu + l * 4 * NC, w.fcprojw + l * 4 * C * C,
+                           w.fcprojb + l * C, N, 4 * C, C)
+            if p > 0.0:
+                dropout_forward(a.branch, a.branch, NC, p, site_seed(self.seed, 4 * l + 3))
+            residual_forward(a.res3 + l * NC, a.res2 + l * NC, a.branch, NC)
+            res = a.res3 + l * NC
+        layernorm_forward(a.lnf, a.lnf_mean, a.lnf_rstd, res, w.lnfw, w.lnfb, N, C)
+        matmul_forward(a.logits, a.lnf, w.wte, NULL, N, C, V)     # lm_head tied to wte
+        if with_targets:
+            crossentropy_forward(a.losses, a.lse, a.logits, &self.targets[0], N, V)
+            for n in range(N):
+                total += a.losses[n]
+            self.loss = total / N
+
+    # -- backward -------------------------------------------------------------------
+
+    def backward(self):
+        """Add the last forward's gradients of the mean loss into the grads buffer."""
+        if not self.has_targets:
+            raise RuntimeError("backward() needs a forward() with targets first")
+        with nogil:
+            self._backward()
+
+    cdef void _backward(self) noexcept nogil:
+        # forward() in reverse, line by line. The residual stream's gradient lives
+        # in one buffer (dres): the identity path of each residual add costs
+        # nothing, and each LayerNorm backward adds its branch's share into it.
+        cdef int B = self.B, T = self.T, C = self.C, NH = self.NH, V = self.V
+        cdef Py_ssize_t N = <Py_ssize_t>B * T, l
+        cdef Py_ssize_t NC = N * C
+        cdef float p = self.dropout
+        cdef Params* w = &self.p
+        cdef Params* g = &self.g
+        cdef Activations* a = &self.a
+        cdef float* res_in
+        cdef float* dbranch
+        crossentropy_backward(a.dlogits, a.logits, a.lse, &self.targets[0], 1.0 / N, N, V)
+        matmul_backward(a.dln, g.wte, NULL, a.dlogits, a.lnf, w.wte, N, C, V)
+        memset(a.dres, 0, NC * sizeof(float))
+        layernorm_backward(a.dres, g.lnfw, g.lnfb, a.dln, a.res3 + (self.L - 1) * NC,
+                           w.lnfw, a.lnf_mean, a.lnf_rstd, N, C)
+        for l in range(self.L - 1, -1, -1):
+            res_in = a.encoded if l == 0 else a.res3 + (l - 1) * NC
+            # mlp branch
+            dbranch = a.dres
+            if p > 0.0:
+                dropout_backward(a.dbranch, a.dres, NC, p, site_seed(self.seed, 4 * l + 3))
+                dbranch = a.dbranch
+            matmul_backward(a.dfch, g.fcprojw + l * 4 * C * C, g.fcprojb + l * C, dbranch,
+                            a.fch_gelu + l * 4 * NC, w.fcprojw + l * 4 * C * C, N, 4 * C, C)
+            gelu_backward(a.dfch, a.fch + l * 4 * NC, a.dfch, 4 * NC)
+            matmul_backward(a.dln, g.fcw + l * 4 * C * C, g.fcb + l * 4 * C, a.dfch,
+                            a.ln2 + l * NC, w.fcw + l * 4 * C * C, N, C, 4 * C)
+            layernorm_backward(a.dres, g.ln2w + l * C, g.ln2b + l * C, a.dln,
+                               a.res2 + l * NC, w.ln2w + l * C,
+                               a.ln2_mean + l * N, a.ln2_rstd + l * N, N, C)
+            # attention branch
+            dbranch = a.dres
+            if p > 0.0:
+                dropout_backward(a.dbranch, a.dres, NC, p, site_seed(self.seed, 4 * l + 2))
+                dbranch = a.dbranch
+            matmul_backward(a.dln, g.attprojw + l * C * C, g.attprojb + l * C, dbranch,
+                            a.atty + l * NC, w.attprojw + l * C * C, N, C, C)
+            attention_backward(a.dqkv, a.att_scratch, a.dln, a.qkv + l * 3 * NC,
+                               a.att + l * B * NH * <Py_ssize_t>T * T, B, T, C, NH,
+                               p, site_seed(self.seed, 4 * l + 1), self.n_slots)
+            matmul_backward(a.dln, g.qkvw + l * 3 * C * C, g.qkvb + l * 3 * C, a.dqkv,
+                            a.ln1 + l * NC, w.qkvw + l * 3 * C * C, N, C, 3 * C)
+            layernorm_backward(a.dres, g.ln1w + l * C, g.ln1b + l * C, a.dln, res_in,
+                               w.ln1w + l * C, a.ln1_mean + l * N, a.ln1_rstd + l * N, N, C)
+        if p > 0.0:
+            dropout_backward(a.dres, a.dres, NC, p, site_seed(self.seed, 0))
+        encoder_backward(g.wte, g.wpe, a.dres, &self.idx[0], B, T, C)
+
+
+cdef inline void _take(float** slot, Py_ssize_t size, float* base,
+                       Py_ssize_t* used) noexcept:
+    # Bump allocation inside the activation block, rounded to whole cache lines.
+    if base != NULL:
+        slot[0] = base + used[0]
+    used[0] += ((size + ALIGN_FLOATS - 1) // ALIGN_FLOATS) * ALIGN_FLOATS
+
+
+cdef Params _param_pointers(float* base, dict offsets):
+    cdef Params p
+    p.wte = base + <Py_ssize_t>offsets["wte"]
+    p.wpe = base + <Py_ssize_t>offsets["wpe"]
+    p.qkvw = base + <Py_ssize_t>offsets["qkvw"]
+    p.attprojw = base + <Py_ssize_t>offsets["attprojw"]
+    p.fcw = base + <Py_ssize_t>offsets["fcw"]
+    p.fcprojw = base + <Py_ssize_t>offsets["fcprojw"]
+    p.ln1w = base + <Py_ssize_t>offsets["ln1w"]
+    p.ln1b = base + <Py_ssize_t>offsets["ln1b"]
+    p.qkvb = base + <Py_ssize_t>offsets["qkvb"]
+    p.attprojb = base + <Py_ssize_t>offsets["attprojb"]
+    p.ln2w = base + <Py_ssize_t>offsets["ln2w"]
+    p.ln2b = base + <Py_ssize_t>offsets["ln2b"]
+    p.fcb = base + <Py_ssize_t>offsets["fcb"]
+    p.fcprojb = base + <Py_ssize_t>offsets["fcprojb"]
+    p.lnfw = base + <Py_ssize_t>offsets["lnfw"]
+    p.lnfb = base + <Py_ssize_t>offsets["lnfb"]
+    return p

@@ -1,0 +1,281 @@
+"""The GPT: configuration, parameter layout, forward, backward.
+
+The architecture is nanoGPT's: token + position embeddings, n_layer pre-LayerNorm
+blocks (x = x + attn(ln_1(x)); x = x + mlp(ln_2(x))), a final LayerNorm, and an
+lm_head tied to the token embedding. The arithmetic happens in femtogpt._core;
+this module owns the memory layout and checks every input before the core sees it.
+
+Memory: all parameters live in one flat float32 block, gradients in a second block
+with the same layout (so a data-parallel allreduce or a gradient norm is one call
+over one buffer), and AdamW's moments (femtogpt.train) in two more. Per-layer
+tensors are stacked over layers, (L, ...), and the tensors that get weight decay
+(rank >= 2) come first, so AdamW is one pass with a split index. state_dict()
+names the same memory the way nanoGPT does.
+"""
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+
+from . import _core
+from ._threads import pin_blas_to_one_thread
+from .errors import ConfigError
+
+pin_blas_to_one_thread()
+
+_ALIGN = 16   # floats per 64-byte cache line: every tensor starts on one
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 65
+    block_size: int = 64
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "dropout":
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise ConfigError(f"dropout must be a number, got {value!r}")
+                if not 0.0 <= value < 1.0:
+                    raise ConfigError(f"dropout must be in [0, 1), got {value}")
+                self.dropout = float(value)
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise ConfigError(f"{f.name} must be an integer, got {value!r}")
+            if value < 1:
+                raise ConfigError(f"{f.name} must be positive, got {value}")
+            setattr(self, f.name, int(value))
+        if self.n_embd % self.n_head:
+            raise ConfigError(f"n_embd ({self.n_embd}) must be divisible by "
+                              f"n_head ({self.n_head})")
+
+    def to_dict(self):
+        return asdict(self)
+
+
+def param_layout(cfg):
+    """[(core key, shape, weight decay)] in memory order; per-layer tensors stacked."""
+    V, T, L, C = cfg.vocab_size, cfg.block_size, cfg.n_layer, cfg.n_embd
+    return [
+        # rank >= 2: weight decay
+        ("wte", (V, C), True),
+        ("wpe", (T, C), True),
+        ("qkvw", (L, 3 * C, C), True),
+        ("attprojw", (L, C, C), True),
+        ("fcw", (L, 4 * C, C), True),
+        ("fcprojw", (L, C, 4 * C), True),
+        # rank 1: no weight decay
+        ("ln1w", (L, C), False),
+        ("ln1b", (L, C), False),
+        ("qkvb", (L, 3 * C), False),
+        ("attprojb", (L, C), False),
+        ("ln2w", (L, C), False),
+        ("ln2b", (L, C), False),
+        ("fcb", (L, 4 * C), False),
+        ("fcprojb", (L, C), False),
+        ("lnfw", (C,), False),
+        ("lnfb", (C,), False),
+    ]
+
+
+# nanoGPT's name for each layer's slice of a stacked tensor.
+_LAYER_NAMES = {
+    "ln1w": "ln_1.weight", "ln1b": "ln_1.bias",
+    "qkvw": "attn.c_attn.weight", "qkvb": "attn.c_attn.bias",
+    "attprojw": "attn.c_proj.weight", "attprojb": "attn.c_proj.bias",
+    "ln2w": "ln_2.weight", "ln2b": "ln_2.bias",
+    "fcw": "mlp.c_fc.weight", "fcb": "mlp.c_fc.bias",
+    "fcprojw": "mlp.c_proj.weight", "fcprojb": "mlp.c_proj.bias",
+}
+_GLOBAL_NAMES = {
+    "wte": "transformer.wte.weight", "wpe": "transformer.wpe.weight",
+    "lnfw": "transformer.ln_f.weight", "lnfb": "transformer.ln_f.bias",
+}
+# The order of state_dict(): nanoGPT's.
+_LAYER_ORDER = ("ln1w", "ln1b", "qkvw", "qkvb", "attprojw", "attprojb",
+                "ln2w", "ln2b", "fcw", "fcb", "fcprojw", "fcprojb")
+
+
+def _check_tokens(name, arr, cfg, shape=None):
+    """An integer array (B, T) of ids in [0, vocab_size), 1 <= T <= block_size."""
+    arr = np.asarray(arr)
+    if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.integer):
+        raise TypeError(f"{name} must be an integer array, got dtype {arr.dtype}")
+    if arr.ndim != 2:
+        raise ValueError(f"{name} must have shape (B, T), got shape {arr.shape}")
+    B, T = arr.shape
+    if shape is not None and arr.shape != shape:
+        raise ValueError(f"{name} has shape {arr.shape}, expected {shape} like idx")
+    if B < 1:
+        raise ValueError(f"{name} must have at least one row, got shape {arr.shape}")
+    if not 1 <= T <= cfg.block_size:
+        raise ValueError(f"{name} has T={T}; it must be in [1, block_size={cfg.block_size}]")
+    lo, hi = arr.min(), arr.max()
+    if lo < 0 or hi >= cfg.vocab_size:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"{name} holds token id {int(bad)} outside "
+                         f"[0, vocab_size={cfg.vocab_size})")
+    return np.ascontiguousarray(arr, dtype=np.int32)
+
+
+class GPT:
+    """nanoGPT's GPT on femtogpt's compiled kernels.
+
+    model = GPT(GPTConfig(...), seed=0)
+    logits, loss = model.forward(idx, targets)   # loss None without targets
+    grads = model.backward()                     # {name: ndarray} like state_dict()
+    """
+
+    def __init__(self, config, seed=0):
+        if not isinstance(config, GPTConfig):
+            raise TypeError(f"config must be a GPTConfig, got {type(config).__name__}")
+        self.config = config
+        self.training = True
+        self._layout = param_layout(config)
+        offsets, n_total, self.n_decay = {}, 0, 0
+        for key, shape, decay in self._layout:
+            offsets[key] = n_total
+            n_total += -(-int(np.prod(shape)) // _ALIGN) * _ALIGN
+            if decay:
+                self.n_decay = n_total
+        self._params = _core.Buffer(n_total)
+        self._grads = _core.Buffer(n_total)
+        # Flat views of the whole blocks: what AdamW, clipping and allreduce use.
+        self.params_flat = np.asarray(self._params)
+        self.grads_flat = np.asarray(self._grads)
+        self._stacked_params = self._stacked_views(self.params_flat, offsets)
+        self._stacked_grads = self._stacked_views(self.grads_flat, offsets)
+        self._graph = _core.Graph(config.vocab_size, config.block_size, config.n_layer,
+                                  config.n_head, config.n_embd, self._params, self._grads,
+                                  offsets)
+        self._named_params = self._named_views(self._stacked_params)
+        self._named_grads = self._named_views(self._stacked_grads)
+        self.dropout_seed = int(seed)
+        self.dropout_calls = 0       # training forwards so far: each gets fresh masks
+        self._init_weights(seed)
+
+    # -- layout -------------------------------------------------------------------
+
+    def _stacked_views(self, flat, offsets):
+        return {key: flat[offsets[key]:offsets[key] + int(np.prod(shape))].reshape(shape)
+                for key, shape, _ in self._layout}
+
+    def _named_views(self, stacked):
+        views = {"transformer.wte.weight": stacked["wte"],
+                 "transformer.wpe.weight": stacked["wpe"]}
+        for i in range(self.config.n_layer):
+            for key in _LAYER_ORDER:
+                views[f"transformer.h.{i}.{_LAYER_NAMES[key]}"] = stacked[key][i]
+        views["transformer.ln_f.weight"] = stacked["lnfw"]
+        views["transformer.ln_f.bias"] = stacked["lnfb"]
+        return views
+
+    def _init_weights(self, seed):
+        # nanoGPT: every weight N(0, 0.02), residual projections N(0, 0.02/sqrt(2L)),
+        # biases 0, LayerNorm weights 1. Filled in state_dict order from one stream.
+        rng = np.random.default_rng(seed)
+        proj_std = 0.02 / np.sqrt(2 * self.config.n_layer)
+        self.params_flat[:] = 0.0
+        for name, view in self._named_params.items():
+            if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+                view[...] = 1.0
+            elif name.endswith("c_proj.weight"):
+                view[...] = rng.standard_normal(view.shape, dtype=np.float32) * proj_std
+            elif name.endswith("weight"):
+                view[...] = rng.standard_normal(view.shape, dtype=np.float32) * 0.02
+
+    # -- state ----------------------------------------------------------------------
+
+    def num_parameters(self):
+        return sum(v.size for v in self._named_params.values())
+
+    def state_dict(self):
+        """{nanoGPT name: float32 array}, copies (the model keeps its own memory)."""
+        return {name: view.copy() for name, view in self._named_params.items()}
+
+    def load_state_dict(self, state_dict):
+        """Copy values in. Every name must be present with its exact shape."""
+        names = set(self._named_params)
+        given = dict(state_dict)
+        tied = given.pop("lm_head.weight", None)
+        missing = sorted(names - given.keys())
+        extra = sorted(given.keys() - names)
+        if missing:
+            raise KeyError(f"state_dict is missing {len(missing)} tensor(s): "
+                           + ", ".join(missing[:5]))
+        if extra:
+            raise KeyError(f"state_dict has unexpected tensor(s): " + ", ".join(extra[:5]))
+        arrays = {}
+        for name, view in self._named_params.items():
+            value = np.asarray(given[name])
+            if value.shape != view.shape:
+                raise ValueError(f"{name} has shape {value.shape}, expected {view.shape}")
+            if not (np.issubdtype(value.dtype, np.floating)
+                    or np.issubdtype(value.dtype, np.integer)):
+                raise TypeError(f"{name} has dtype {value.dtype}, expected float32")
+            arrays[name] = value
+        if tied is not None and not np.array_equal(np.asarray(tied),
+                                                   arrays["transformer.wte.weight"]):
+            raise ValueError("lm_head.weight differs from transformer.wte.weight, "
+                             "but they are tied in this model")
+        # Only after every check passed: nothing is half-loaded on error.
+        for name, value in arrays.items():
+            self._named_params[name][...] = value
+
+    # -- compute ----------------------------------------------------------------------
+
+    def train(self, mode=True):
+        """Dropout on (training) or off (evaluation), as in PyTorch."""
+        self.training = bool(mode)
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    def forward(self, idx, targets=None):
+        """logits (B, T, vocab_size) float32 and the mean cross-entropy (or None)."""
+        loss = self._run_forward(idx, targets)
+        B, T = self._graph.B, self._graph.T
+        logits = self._graph.logits_view().reshape(B, T, self.config.vocab_size).copy()
+        return logits, loss
+
+    __call__ = forward
+
+    def _run_forward(self, idx, targets):
+        cfg = self.config
+        idx32 = _check_tokens("idx", idx, cfg)
+        targets32 = None
+        if targets is not None:
+            targets32 = _check_tokens("targets", targets, cfg, shape=idx32.shape)
+        dropout, seed = 0.0, 0
+        if self.training and cfg.dropout > 0.0:
+            dropout = cfg.dropout
+            seed = (self.dropout_seed * 0x9E3779B97F4A7C15 + self.dropout_calls) % 2**64
+            self.dropout_calls += 1
+        return self._graph.forward(idx32, targets32, dropout, seed)
+
+    def loss(self, idx, targets):
+        """The mean loss only: forward without copying the logits out."""
+        return self._run_forward(idx, targets)
+
+    def zero_grad(self):
+        self.grads_flat[:] = 0.0
+
+    def backward(self, accumulate=False):
+        """Gradients of the last forward's mean loss: {name: array} like state_dict().
+
+        With accumulate=True they are added to the gradients already held
+        (gradient accumulation) and nothing is copied out.
+        """
+        if not self._graph.has_targets:
+            raise RuntimeError("backward() needs a forward() with targets first")
+        if not accumulate:
+            self.zero_grad()
+        self._graph.backward()
+        if accumulate:
+            return None
+        return {name: view.copy() for name, view in self._named_grads.items()}
