@@ -10,7 +10,10 @@ import numpy
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
-compile_args = ["-O3", "-fopenmp", "-fno-math-errno"]
+# -fno-math-errno and -fno-trapping-math let gcc vectorise loops with sqrtf and
+# float selects (we never read errno or FP exception flags). Not -ffast-math:
+# it would also assume no NaN/inf, and LayerNorm/softmax must handle them.
+compile_args = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
 link_args = ["-fopenmp"]
 if os.environ.get("FEMTOGPT_NATIVE", "1") != "0":
     # The kernels are auto-vectorised loops; let gcc use the CPU that builds them.
