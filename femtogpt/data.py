@@ -1,0 +1,129 @@
+"""The training text: reading it, encoding it, splitting it, and sampling batches.
+
+Batches follow nanoGPT: a batch is ``batch_size`` windows of ``block_size + 1``
+consecutive ids at uniformly random starts; the model reads the first
+``block_size`` ids of a window (x) and predicts the last ``block_size`` (y).
+The random generator is always passed in, so training can save its state in a
+checkpoint and a resumed run draws exactly the batches the original would have.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from femtogpt.errors import ConfigError, DataError
+
+_UTF8_BOM = b"\xef\xbb\xbf"
+_UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+
+
+def read_text(path) -> str:
+    """The contents of a UTF-8 text file, minus any byte order mark.
+
+    Newlines are kept byte for byte (no universal-newline translation): the
+    model should learn the file as it is.
+    """
+    raw = _read_bytes(path)
+    name = os.fspath(path)
+    if not raw:
+        raise DataError(f"data file is empty: {name}")
+    offset = 0
+    if raw.startswith(_UTF8_BOM):
+        # Editors on Windows add it; it is not part of the text.
+        raw, offset = raw[len(_UTF8_BOM):], len(_UTF8_BOM)
+        if not raw:
+            raise DataError(f"data file is empty (it holds only a byte order mark): {name}")
+    _reject_binary(raw, name)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        bad = raw[err.start]
+        raise DataError(
+            f"data file is not UTF-8 text: invalid byte 0x{bad:02x} at byte offset "
+            f"{err.start + offset}: {name}"
+        ) from None
+
+
+def _read_bytes(path) -> bytes:
+    name = os.fspath(path)
+    if os.path.isdir(name):
+        raise DataError(f"data path is a directory, not a text file: {name}")
+    try:
+        with open(name, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise DataError(f"data file not found: {name}") from None
+    except PermissionError:
+        raise DataError(f"data file is not readable (permission denied): {name}") from None
+    except OSError as err:
+        raise DataError(f"could not read data file {name}: {err.strerror or err}") from None
+
+
+def _reject_binary(raw: bytes, name: str) -> None:
+    """Refuse files that are not text before the UTF-8 check gives a less helpful message.
+
+    Text never contains NUL, while executables, images and archives nearly
+    always do. UTF-16 text also does, so it gets its own hint.
+    """
+    if raw.startswith(_UTF16_BOMS):
+        raise DataError(f"data file is UTF-16 text; convert it to UTF-8 first: {name}")
+    nul = raw.find(b"\x00")
+    if nul >= 0:
+        raise DataError(f"data file looks binary (NUL byte at byte offset {nul}), not UTF-8 text: {name}")
+
+
+def encode_dataset(text: str, tokenizer) -> np.ndarray:
+    """The whole text as one array of ids, in the tokenizer's compact dtype."""
+    if not text:
+        raise DataError("the training text is empty")
+    return tokenizer.encode_array(text, what="training text")
+
+
+def split_train_val(ids: np.ndarray, val_fraction: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
+    """First (1 - val_fraction) of the ids for training, the rest for validation.
+
+    A contiguous tail rather than random windows, as nanoGPT does: random
+    validation windows would overlap training windows and flatter the model.
+    Returns views, not copies.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise ConfigError(f"validation fraction must be in [0, 1), got {val_fraction}")
+    n_train = int(len(ids) * (1.0 - val_fraction))
+    return ids[:n_train], ids[n_train:]
+
+
+def check_split_size(ids: np.ndarray, block_size: int, split_name: str) -> None:
+    """Fail early, with advice, if a split cannot hold a single training window."""
+    needed = block_size + 1
+    if len(ids) < needed:
+        raise DataError(
+            f"{split_name} split has {len(ids)} tokens, needs at least block_size + 1 = {needed}; "
+            f"use a smaller --block-size or more text"
+        )
+
+
+def get_batch(
+    ids: np.ndarray,
+    batch_size: int,
+    block_size: int,
+    rng: np.random.Generator,
+    split_name: str = "data",
+) -> tuple[np.ndarray, np.ndarray]:
+    """A random batch of inputs x and next-token targets y, both int64 (batch_size, block_size).
+
+    y[b, t] is the id that follows x[b, t] in ids. Both arrays are C-contiguous
+    (the compiled core indexes them as plain buffers).
+    """
+    if batch_size < 1 or block_size < 1:
+        raise ConfigError(f"batch size and block size must be at least 1, got {batch_size} and {block_size}")
+    check_split_size(ids, block_size, split_name)
+    # Exactly nanoGPT's draw, so a run is reproducible from its seed / saved RNG state.
+    starts = rng.integers(0, len(ids) - block_size, size=batch_size)
+    # One fancy-indexing gather of every window, each block_size + 1 long: x and y
+    # are its two overlapping slices, so each id is read once.
+    offsets = np.arange(block_size + 1)
+    windows = np.asarray(ids)[starts[:, None] + offsets[None, :]].astype(np.int64)
+    x = np.ascontiguousarray(windows[:, :-1])
+    y = np.ascontiguousarray(windows[:, 1:])
+    return x, y
