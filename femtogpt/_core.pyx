@@ -30,7 +30,8 @@ from cython.parallel cimport prange
 cimport openmp
 from libc.math cimport sqrtf, logf, pow
 from libc.stdint cimport uint32_t, uint64_t, int32_t
-from libc.stdlib cimport free
+from libc.stdlib cimport free, qsort
+from cpython.mem cimport PyMem_Malloc, PyMem_Free
 from libc.string cimport memset, memcpy
 from scipy.linalg.cython_blas cimport sgemm
 import numpy as np
@@ -1000,6 +1001,147 @@ def py_adamw_update(float[::1] params, float[::1] m, float[::1] v, const float[:
 
 
 # ---------------------------------------------------------------------------
+# Sampling helpers (generation)
+# ---------------------------------------------------------------------------
+
+cdef struct SortItem:
+    float value
+    int index
+
+
+cdef int _by_value_descending(const void* a, const void* b) noexcept nogil:
+    cdef float va = (<const SortItem*>a).value, vb = (<const SortItem*>b).value
+    if va > vb:
+        return -1
+    if va < vb:
+        return 1
+    return (<const SortItem*>a).index - (<const SortItem*>b).index
+
+
+cdef inline double uniform01(uint64_t seed, uint64_t i) noexcept nogil:
+    # A uniform draw in [0, 1) from the same counter-based hash as dropout.
+    return (<double>hash_u32(seed ^ <uint64_t>0xA5A5A5A5A5A5A5A5, i)) / 4294967296.0
+
+
+cdef int sample_token(const float* logits, float* probs, SortItem* order, int V,
+                      float temperature, int top_k, float top_p,
+                      double u) noexcept nogil:
+    # nanoGPT's sampling: logits / temperature, keep the top_k largest, softmax;
+    # then nucleus (top_p): the smallest prefix by probability whose mass
+    # reaches top_p. temperature 0 is argmax. u is a uniform draw in [0, 1).
+    cdef int v, n_keep = V, best = 0
+    cdef float mx = logits[0]
+    cdef double total = 0.0, mass, target
+    for v in range(1, V):
+        if logits[v] > mx:
+            mx = logits[v]
+            best = v
+    if temperature == 0.0:
+        return best
+    for v in range(V):
+        probs[v] = fast_expf((logits[v] - mx) / temperature)
+    if (top_k > 0 and top_k < V) or top_p < 1.0:
+        for v in range(V):
+            order[v].value = probs[v]
+            order[v].index = v
+        qsort(order, V, sizeof(SortItem), _by_value_descending)
+        if top_k > 0 and top_k < V:
+            n_keep = top_k
+        for v in range(n_keep):
+            total += order[v].value
+        if top_p < 1.0:
+            mass = 0.0
+            for v in range(n_keep):
+                mass += order[v].value
+                if mass >= top_p * total:
+                    n_keep = v + 1
+                    break
+            total = 0.0
+            for v in range(n_keep):
+                total += order[v].value
+        target = u * total
+        mass = 0.0
+        for v in range(n_keep):
+            mass += order[v].value
+            if mass > target:
+                return order[v].index
+        return order[n_keep - 1].index
+    for v in range(V):
+        total += probs[v]
+    target = u * total
+    mass = 0.0
+    for v in range(V):
+        mass += probs[v]
+        if mass > target:
+            return v
+    return best
+
+
+cdef inline void add_into(float* x, const float* y, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(n):
+        x[i] = x[i] + y[i]
+
+
+cdef float dot(const float* a, const float* b, int n) noexcept nogil:
+    # Eight running sums updated by eight look-alike statements: gcc packs them
+    # into one 8-wide vector (it will not vectorise a single running sum
+    # without -ffast-math, and an accumulator array got shuffled through memory).
+    cdef float s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0
+    cdef float s4 = 0.0, s5 = 0.0, s6 = 0.0, s7 = 0.0
+    cdef float total
+    cdef int block, i
+    # A counted loop: gcc cannot count Cython's `while` (it becomes while(1)/break).
+    for block in range(n // 8):
+        i = block * 8
+        s0 = s0 + a[i] * b[i]
+        s1 = s1 + a[i + 1] * b[i + 1]
+        s2 = s2 + a[i + 2] * b[i + 2]
+        s3 = s3 + a[i + 3] * b[i + 3]
+        s4 = s4 + a[i + 4] * b[i + 4]
+        s5 = s5 + a[i + 5] * b[i + 5]
+        s6 = s6 + a[i + 6] * b[i + 6]
+        s7 = s7 + a[i + 7] * b[i + 7]
+    total = ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
+    for i in range((n // 8) * 8, n):
+        total = total + a[i] * b[i]
+    return total
+
+
+cdef void matvec_forward(float* out, const float* inp, const float* weight,
+                         const float* bias, int B, int C_in, int C_out) noexcept nogil:
+    # matmul_forward for a handful of rows (decoding): out (B,C_out) =
+    # inp (B,C_in) @ weight^T + bias. sgemm's fixed cost per call is larger than
+    # this much work, so it is a dot product per output, serially.
+    cdef Py_ssize_t b, o
+    for b in range(B):
+        for o in range(C_out):
+            out[b * C_out + o] = dot(inp + b * C_in, weight + o * C_in, C_in)
+        if bias != NULL:
+            add_into(out + b * C_out, bias, C_out)
+
+
+def py_sample_token(const float[::1] logits not None, float temperature, int top_k,
+                    float top_p, double u):
+    """One draw of the sampler on a logits vector (tests)."""
+    cdef int V = logits.shape[0]
+    cdef Buffer probs
+    cdef SortItem* order
+    cdef int token
+    if V < 1:
+        raise ValueError("logits must not be empty")
+    if not 0.0 <= u < 1.0:
+        raise ValueError("u must be in [0, 1)")
+    probs = Buffer(V)
+    order = <SortItem*>PyMem_Malloc(V * sizeof(SortItem))
+    if order == NULL:
+        raise MemoryError()
+    token = sample_token(&logits[0], probs.data, order, V, temperature, top_k, top_p, u)
+    PyMem_Free(order)
+    return token
+
+
+# ---------------------------------------------------------------------------
 # 5. Graph: the GPT's forward and backward over flat buffers
 # ---------------------------------------------------------------------------
 
@@ -1083,6 +1225,20 @@ cdef class Graph:
     cdef float dropout
     cdef uint64_t seed
     cdef int32_t[::1] idx, targets
+    # generation
+    cdef Buffer kv_buf, dec_buf
+    cdef int gen_B
+    cdef readonly int cache_len
+    cdef float* k_cache       # (L, B, maxT, C)
+    cdef float* v_cache       # (L, B, maxT, C)
+    cdef float* dec_x         # (B, C) residual stream of the new position
+    cdef float* dec_ln        # (B, C)
+    cdef float* dec_qkv       # (B, 3C)
+    cdef float* dec_atty      # (B, C)
+    cdef float* dec_branch    # (B, C)
+    cdef float* dec_fch       # (B, 4C)
+    cdef float* dec_logits    # (B, V)
+    cdef float* dec_scores    # (maxT)
 
     def __init__(self, int V, int max_T, int L, int NH, int C,
                  Buffer params not None, Buffer grads not None, dict offsets not None):
@@ -1109,6 +1265,8 @@ cdef class Graph:
         self.acts_buf = None
         self.B = self.T = 0
         self.has_targets = False
+        self.gen_B = 0
+        self.cache_len = 0
 
     # -- activation layout -------------------------------------------------------
 
@@ -1308,6 +1466,211 @@ cdef class Graph:
         if p > 0.0:
             dropout_backward(a.dres, a.dres, NC, p, site_seed(self.seed, 0))
         encoder_backward(g.wte, g.wpe, a.dres, &self.idx[0], B, T, C)
+
+    # -- generation: KV cache, one position at a time --------------------------------
+    #
+    # prefill() runs the ordinary batched forward over the prompt and copies
+    # each layer's k and v into the cache; decode_one() then costs one position's
+    # work per new token. Both are serial per row (no OpenMP regions): at batch 1
+    # the matrices are vectors and thread start-up would cost more than the work.
+
+    cdef _prepare_generation(self, int B):
+        cdef Py_ssize_t C = self.C, L = self.L, T = self.max_T
+        cdef Py_ssize_t need = 0
+        if self.gen_B != B:
+            self.kv_buf = Buffer(2 * L * B * T * C)
+            self.dec_buf = None
+            # per-row scratch: x, ln, qkv, atty, branch, fch (4C), logits (V), scores (T)
+            self.dec_buf = Buffer(B * (C + C + 3 * C + C + C + 4 * C + self.V) + T + 64)
+            self.gen_B = B
+        self.k_cache = self.kv_buf.data
+        self.v_cache = self.kv_buf.data + L * B * T * C
+        d = self.dec_buf.data
+        self.dec_x = d
+        self.dec_ln = d + B * C
+        self.dec_qkv = d + 2 * B * C
+        self.dec_atty = d + 5 * B * C
+        self.dec_branch = d + 6 * B * C
+        self.dec_fch = d + 7 * B * C
+        self.dec_logits = d + 11 * B * C
+        self.dec_scores = d + 11 * B * C + B * self.V
+
+    cdef void _prefill_cache(self) noexcept nogil:
+        # After _forward on (B, T): copy every layer's k, v rows into the cache.
+        cdef Py_ssize_t l, b, t, C = self.C, T = self.T, B = self.B, maxT = self.max_T
+        cdef Py_ssize_t N = B * T
+        cdef const float* row
+        for l in range(self.L):
+            for b in range(B):
+                for t in range(T):
+                    row = self.a.qkv + l * N * 3 * C + (b * T + t) * 3 * C
+                    memcpy(self.k_cache + ((l * B + b) * maxT + t) * C, row + C, C * 4)
+                    memcpy(self.v_cache + ((l * B + b) * maxT + t) * C, row + 2 * C, C * 4)
+
+    cdef void _decode_one(self, const int32_t* tokens, int pos) noexcept nogil:
+        # tokens (B): one new token per row at position pos; fills dec_logits (B, V).
+        cdef int B = self.gen_B, C = self.C, NH = self.NH, V = self.V, hs = C // NH
+        cdef Py_ssize_t maxT = self.max_T, l, b, h, j, c
+        cdef Params* w = &self.p
+        cdef float mean, rstd, scale = 1.0 / sqrtf(hs), mx, total, s
+        cdef float* x
+        cdef const float* q
+        cdef const float* kc
+        cdef const float* vc
+        cdef float* y
+        for b in range(B):
+            x = self.dec_x + b * C
+            for c in range(C):
+                x[c] = w.wte[<Py_ssize_t>tokens[b] * C + c] + w.wpe[pos * C + c]
+        for l in range(self.L):
+            for b in range(B):
+                layernorm_row(self.dec_ln + b * C, &mean, &rstd, self.dec_x + b * C,
+                              w.ln1w + l * C, w.ln1b + l * C, C)
+            matvec_forward(self.dec_qkv, self.dec_ln, w.qkvw + l * 3 * C * C,
+                           w.qkvb + l * 3 * C, B, C, 3 * C)
+            for b in range(B):
+                kc = self.k_cache + (l * B + b) * maxT * C
+                vc = self.v_cache + (l * B + b) * maxT * C
+                memcpy(<float*>kc + pos * C, self.dec_qkv + b * 3 * C + C, C * 4)
+                memcpy(<float*>vc + pos * C, self.dec_qkv + b * 3 * C + 2 * C, C * 4)
+                for h in range(NH):
+                    q = self.dec_qkv + b * 3 * C + h * hs
+                    y = self.dec_atty + b * C + h * hs
+                    # scores over the cached past 0..pos, softmax, weighted sum of v
+                    mx = -3.0e38
+                    for j in range(pos + 1):
+                        s = dot(q, kc + j * C + h * hs, hs) * scale
+                        self.dec_scores[j] = s
+                        if s > mx:
+                            mx = s
+                    total = 0.0
+                    for j in range(pos + 1):
+                        self.dec_scores[j] = fast_expf(self.dec_scores[j] - mx)
+                        total = total + self.dec_scores[j]
+                    for c in range(hs):
+                        y[c] = 0.0
+                    for j in range(pos + 1):
+                        s = self.dec_scores[j] / total
+                        for c in range(hs):
+                            y[c] = y[c] + s * vc[j * C + h * hs + c]
+            matvec_forward(self.dec_branch, self.dec_atty, w.attprojw + l * C * C,
+                           w.attprojb + l * C, B, C, C)
+            add_into(self.dec_x, self.dec_branch, <Py_ssize_t>B * C)
+            for b in range(B):
+                layernorm_row(self.dec_ln + b * C, &mean, &rstd, self.dec_x + b * C,
+                              w.ln2w + l * C, w.ln2b + l * C, C)
+            matvec_forward(self.dec_fch, self.dec_ln, w.fcw + l * 4 * C * C,
+                           w.fcb + l * 4 * C, B, C, 4 * C)
+            gelu_forward_span(self.dec_fch, self.dec_fch, <Py_ssize_t>B * 4 * C)
+            matvec_forward(self.dec_branch, self.dec_fch, w.fcprojw + l * 4 * C * C,
+                           w.fcprojb + l * C, B, 4 * C, C)
+            add_into(self.dec_x, self.dec_branch, <Py_ssize_t>B * C)
+        for b in range(B):
+            layernorm_row(self.dec_ln + b * C, &mean, &rstd, self.dec_x + b * C,
+                          w.lnfw, w.lnfb, C)
+        matvec_forward(self.dec_logits, self.dec_ln, w.wte, NULL, B, C, V)
+
+    def decode_logits(self, const int32_t[::1] tokens not None, int pos):
+        """One decode step (for tests): tokens (B,) at position pos -> logits (B, V).
+
+        The cache must hold positions 0..pos-1 (from prefill_logits and earlier calls).
+        """
+        if self.gen_B == 0 or tokens.shape[0] != self.gen_B:
+            raise ValueError("decode_logits needs prefill_logits with the same batch first")
+        if not 1 <= pos < self.max_T or pos > self.cache_len:
+            raise ValueError(f"pos {pos} is outside the filled cache (length {self.cache_len})")
+        _need_ids(tokens, self.gen_B, self.V, "tokens")
+        with nogil:
+            self._decode_one(&tokens[0], pos)
+        self.cache_len = pos + 1
+        return np.asarray(self.dec_buf)[11 * self.gen_B * self.C:][
+            :self.gen_B * self.V].reshape(self.gen_B, self.V).copy()
+
+    def prefill_logits(self, const int32_t[:, ::1] idx not None):
+        """Fill the KV cache from idx (B, T); returns the logits of the last position."""
+        self.forward(idx)
+        self._prepare_generation(self.B)
+        with nogil:
+            self._prefill_cache()
+        self.cache_len = self.T
+        logits = self.logits_view().reshape(self.B, self.T, self.V)
+        return logits[:, -1, :].copy()
+
+    def generate(self, const int32_t[:, ::1] idx not None, int max_new_tokens,
+                 float temperature, int top_k, float top_p, uint64_t seed,
+                 int keep, callback=None):
+        """Sample max_new_tokens after idx (B, T0); returns (B, max_new_tokens) int32.
+
+        temperature 0 is greedy; top_k 0 and top_p 1 switch those filters off.
+        When the window is full (block_size positions) the cache is rebuilt from
+        the last `keep` tokens. callback(tokens) gets each step's (B,) tokens.
+        """
+        cdef int B = idx.shape[0], T0 = idx.shape[1], step, pos, b, V = self.V
+        cdef uint64_t draw = 0
+        if max_new_tokens < 0:
+            raise ValueError("max_new_tokens must be >= 0")
+        if not 1 <= keep < self.max_T:
+            raise ValueError(f"keep must be in [1, block_size), got {keep}")
+        if not (temperature >= 0.0):
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if not (0.0 < top_p <= 1.0):
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        if top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
+        out = np.zeros((B, max_new_tokens), dtype=np.int32)
+        cdef int32_t[:, ::1] out_view = out
+        # Context: everything generated so far, to rebuild the cache when it is full.
+        history = np.zeros((B, min(T0, self.max_T) + max_new_tokens), dtype=np.int32)
+        history[:, :min(T0, self.max_T)] = np.asarray(idx)[:, -self.max_T:]
+        cdef int n_hist = min(T0, self.max_T)
+        cdef int32_t[::1] tokens = np.zeros(B, dtype=np.int32)
+        cdef Buffer scratch = Buffer(2 * V + 8)
+        cdef SortItem* order = NULL
+        cdef float* logits
+        if max_new_tokens == 0:
+            return out
+        order = <SortItem*>PyMem_Malloc(V * sizeof(SortItem))
+        if order == NULL:
+            raise MemoryError()
+        try:
+            self.prefill_logits(np.ascontiguousarray(history[:, :n_hist]))
+            logits = self.logits_view_ptr_last()
+            pos = n_hist
+            for step in range(max_new_tokens):
+                with nogil:
+                    for b in range(B):
+                        tokens[b] = sample_token(logits + b * V, scratch.data, order, V,
+                                                 temperature, top_k, top_p,
+                                                 uniform01(seed, draw))
+                        draw += 1
+                        out_view[b, step] = tokens[b]
+                history[:, n_hist] = tokens
+                n_hist += 1
+                if callback is not None:
+                    callback(np.asarray(tokens).copy())
+                if step == max_new_tokens - 1:
+                    break
+                if pos == self.max_T:
+                    # Window full: rebuild the cache from the last `keep` tokens.
+                    self.prefill_logits(np.ascontiguousarray(history[:, n_hist - keep:n_hist]))
+                    logits = self.logits_view_ptr_last()
+                    pos = keep
+                else:
+                    with nogil:
+                        self._decode_one(&tokens[0], pos)
+                    logits = self.dec_logits
+                    pos += 1
+                    self.cache_len = pos
+        finally:
+            PyMem_Free(order)
+        return out
+
+    cdef float* logits_view_ptr_last(self):
+        # After prefill: copy each row's last-position logits into dec_logits.
+        cdef Py_ssize_t b, T = self.T, V = self.V
+        for b in range(self.B):
+            memcpy(self.dec_logits + b * V, self.a.logits + (b * T + T - 1) * V, V * 4)
+        return self.dec_logits
 
 
 cdef inline void _take(float** slot, Py_ssize_t size, float* base,

@@ -279,3 +279,56 @@ class GPT:
         if accumulate:
             return None
         return {name: view.copy() for name, view in self._named_grads.items()}
+
+    # -- generation ---------------------------------------------------------------------
+
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+                 seed=None, callback=None):
+        """Continue each row of idx (B, T0) by max_new_tokens sampled tokens.
+
+        Returns the whole sequences, (B, T0 + max_new_tokens) int64, as nanoGPT.
+        temperature 0 picks the most likely token; top_k keeps the k most likely;
+        top_p keeps the smallest set of most likely tokens whose probability
+        reaches p. A prompt longer than block_size is cropped to its last
+        block_size tokens. Uses a KV cache: each new token costs one position.
+        When the block_size window is full the cache is rebuilt from the last
+        block_size // 2 tokens (nanoGPT instead recomputes the full window for
+        every token past block_size, block_size times the work).
+        callback(tokens), if given, gets each step's new tokens, shape (B,).
+        """
+        cfg = self.config
+        idx = np.asarray(idx)
+        if idx.ndim == 2 and idx.shape[1] > cfg.block_size:
+            idx_cond = idx[:, -cfg.block_size:]
+        else:
+            idx_cond = idx
+        idx32 = _check_tokens("idx", idx_cond, cfg)
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) \
+                or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+        temperature = float(temperature)
+        if not temperature >= 0.0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if top_k is not None and (isinstance(top_k, bool) or int(top_k) != top_k or top_k < 1):
+            raise ValueError(f"top_k must be an integer >= 1, got {top_k!r}")
+        if top_p is not None and not 0.0 < float(top_p) <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        if seed is None:
+            seed = int(np.random.SeedSequence().entropy % 2**64)
+        keep = max(1, cfg.block_size // 2)
+        new = self._graph.generate(idx32, int(max_new_tokens), temperature,
+                                   int(top_k or 0), float(top_p or 1.0), int(seed) % 2**64,
+                                   keep, callback)
+        return np.concatenate([idx.astype(np.int64), new.astype(np.int64)], axis=1)
+
+    def prefill_logits(self, idx):
+        """Fill the KV cache from idx (B, T); logits of the last position (B, V)."""
+        return self._graph.prefill_logits(_check_tokens("idx", idx, self.config))
+
+    def decode_logits(self, tokens, pos):
+        """One KV-cache step: tokens (B,) at position pos -> logits (B, V)."""
+        tokens = np.asarray(tokens)
+        if tokens.ndim != 1:
+            raise ValueError("tokens must be 1-D, one per row")
+        return self._graph.decode_logits(_check_tokens("tokens", tokens[:, None],
+                                                       self.config).ravel(), int(pos))
