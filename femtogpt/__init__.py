@@ -4,14 +4,18 @@
     model = GPT(GPTConfig(vocab_size=65), seed=0)
     logits, loss = model.forward(idx, targets)
     grads = model.backward()
+
+    model, tokenizer = load("out")      # a run directory or checkpoint file
 """
 from ._core import get_num_threads, set_num_threads
 from .errors import CheckpointError, ConfigError, DataError, FemtoGPTError, TokenizerError
+from .checkpoint import load
 from .model import GPT, GPTConfig
+from .tokenizer import ByteTokenizer, CharTokenizer
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "GPT", "GPTConfig", "get_num_threads", "set_num_threads", "FemtoGPTError",
+    "GPT", "GPTConfig", "load", "CharTokenizer", "ByteTokenizer", "get_num_threads", "set_num_threads", "FemtoGPTError",
     "ConfigError", "DataError", "TokenizerError", "CheckpointError", "__version__",
 ]

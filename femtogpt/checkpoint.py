@@ -347,3 +347,86 @@ def _short(value, limit: int = 80) -> str:
     text = str(value) if isinstance(value, Exception) else repr(value)
     text = text.replace("\n", " ")
     return text if len(text) <= limit else text[:limit] + "..."
+
+
+# --------------------------------------------------------------------------- models
+#
+# A femtogpt checkpoint holds the model's tensors under their nanoGPT names and,
+# in the metadata, "model_config" (GPTConfig fields) and "tokenizer" (its
+# to_dict()). A training-state checkpoint (train.py) adds AdamW's moments as
+# "optimizer.exp_avg.<name>" / "optimizer.exp_avg_sq.<name>" and the loop's
+# state in the metadata.
+
+LATEST_NAME = "ckpt.safetensors"   # the latest training state in a run directory
+BEST_NAME = "best.safetensors"     # the model with the best validation loss
+
+
+def checkpoint_path(path, prefer=BEST_NAME) -> str:
+    """A checkpoint file from a file path or a run directory (prefer, else the other)."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        return path
+    for name in (prefer, LATEST_NAME if prefer == BEST_NAME else BEST_NAME):
+        candidate = os.path.join(path, name)
+        if os.path.isfile(candidate):
+            return candidate
+    raise CheckpointError(f"no checkpoint in directory {path} "
+                          f"(expected {BEST_NAME} or {LATEST_NAME})")
+
+
+def model_from_checkpoint(path, tensors: dict, meta: dict):
+    """Build (model, tokenizer) from loaded tensors and meta; CheckpointError if they disagree."""
+    from femtogpt.errors import FemtoGPTError
+    from femtogpt.model import GPT, GPTConfig
+    from femtogpt.tokenizer import tokenizer_from_dict
+
+    config_dict = meta.get("model_config")
+    if not isinstance(config_dict, dict):
+        raise CheckpointError(f"{path} is not a femtogpt model checkpoint (no model_config)")
+    try:
+        config = GPTConfig(**config_dict)
+        tokenizer = tokenizer_from_dict(meta.get("tokenizer"))
+    except (TypeError, FemtoGPTError) as err:
+        raise CheckpointError(f"{path} has an invalid model description: {err}") from None
+    if tokenizer.vocab_size != config.vocab_size:
+        raise CheckpointError(f"{path}: tokenizer has {tokenizer.vocab_size} tokens but the "
+                              f"model's vocab_size is {config.vocab_size}")
+    model = GPT(config, seed=0)
+    names = model.state_dict().keys()
+    weights = {}
+    for name in names:
+        value = tensors.get(name)
+        if value is None:
+            raise CheckpointError(f"{path} is missing tensor {name}")
+        if value.dtype != np.float32:
+            raise CheckpointError(f"{path}: tensor {name} has dtype {value.dtype}, expected float32")
+        if not np.all(np.isfinite(value)):
+            raise CheckpointError(f"{path}: tensor {name} holds NaN or infinite values")
+        weights[name] = value
+    try:
+        model.load_state_dict(weights)
+    except (KeyError, ValueError, TypeError) as err:
+        raise CheckpointError(f"{path}: {err}") from None
+    return model, tokenizer
+
+
+def model_tensors(model) -> dict:
+    """The tensors a model checkpoint stores: state_dict() under nanoGPT names."""
+    return model.state_dict()
+
+
+def model_meta(model, tokenizer) -> dict:
+    return {"model_config": model.config.to_dict(), "tokenizer": tokenizer.to_dict()}
+
+
+def load(path, prefer=BEST_NAME):
+    """(model, tokenizer) from a checkpoint file or a run directory.
+
+    For a directory, the best-validation model is used if there is one, else
+    the latest training state.
+    """
+    file = checkpoint_path(path, prefer)
+    tensors, meta = load_checkpoint(file)
+    model, tokenizer = model_from_checkpoint(file, tensors, meta)
+    model.eval()
+    return model, tokenizer

@@ -147,6 +147,7 @@ class GPT:
         # Flat views of the whole blocks: what AdamW, clipping and allreduce use.
         self.params_flat = np.asarray(self._params)
         self.grads_flat = np.asarray(self._grads)
+        self._offsets = offsets
         self._stacked_params = self._stacked_views(self.params_flat, offsets)
         self._stacked_grads = self._stacked_views(self.grads_flat, offsets)
         self._graph = _core.Graph(config.vocab_size, config.block_size, config.n_layer,
@@ -173,6 +174,12 @@ class GPT:
         views["transformer.ln_f.weight"] = stacked["lnfw"]
         views["transformer.ln_f.bias"] = stacked["lnfb"]
         return views
+
+    def named_views(self, flat):
+        """{name: view} into any flat array laid out like params_flat (e.g. AdamW moments)."""
+        if flat.shape != self.params_flat.shape:
+            raise ValueError(f"flat array has shape {flat.shape}, expected {self.params_flat.shape}")
+        return self._named_views(self._stacked_views(flat, self._offsets))
 
     def _init_weights(self, seed):
         # nanoGPT: every weight N(0, 0.02), residual projections N(0, 0.02/sqrt(2L)),

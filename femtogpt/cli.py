@@ -1,0 +1,173 @@
+"""`femtogpt train` and `femtogpt sample`: argparse over the config dataclasses.
+
+Every TrainConfig field is a flag (--n-layer for n_layer). Flags default to
+"not given" so that a preset fills what the user left out, and a resumed run
+keeps its own settings unless a flag overrides them. Errors the user can fix
+print one line and exit with status 2; --debug shows the traceback.
+"""
+import argparse
+import os
+import sys
+from dataclasses import fields, replace
+
+from .errors import FemtoGPTError
+
+# What each training flag means (the defaults are printed from the presets).
+TRAIN_HELP = {
+    "data": "training text file (UTF-8); default: Tiny Shakespeare, bundled",
+    "out": "run directory: checkpoints, metrics.jsonl, loss.png",
+    "tokenizer": "how text becomes tokens: char (distinct characters) or byte (UTF-8 bytes)",
+    "n_layer": "transformer blocks",
+    "n_head": "attention heads per block",
+    "n_embd": "embedding width (must be divisible by --n-head)",
+    "block_size": "context length in tokens",
+    "dropout": "dropout probability while training, in [0, 1)",
+    "batch_size": "sequences per step",
+    "max_iters": "training steps",
+    "learning_rate": "peak AdamW learning rate (after warmup)",
+    "min_lr": "learning rate at the end of the cosine decay",
+    "warmup_iters": "steps of linear warmup",
+    "beta1": "AdamW beta1",
+    "beta2": "AdamW beta2",
+    "weight_decay": "AdamW weight decay for matrices and embeddings (not biases, LayerNorm)",
+    "grad_clip": "clip the gradient's global norm to this (0: off)",
+    "eval_interval": "evaluate train/val loss every this many steps",
+    "eval_iters": "batches per split in each evaluation",
+    "save_interval": "save the training state every this many steps",
+    "seed": "random seed for the weights, batches and dropout",
+    "threads": "OpenMP threads (0: OMP_NUM_THREADS, else all cores)",
+    "sample_tokens": "characters/tokens of sample printed after training (0: none)",
+}
+
+
+def _flag(name):
+    return "--" + name.replace("_", "-")
+
+
+def _preset_defaults(name):
+    from .train import PRESETS, TrainConfig
+    values = [getattr(PRESETS[p], name) for p in ("baby", "small", "femto")]
+    if name in ("data", "out", "tokenizer", "threads", "seed", "sample_tokens") or \
+            len(set(values)) == 1:
+        value = getattr(TrainConfig(), name)
+        if name == "data":
+            return "Tiny Shakespeare"
+        return f"{value}"
+    return f"baby {values[0]}, small {values[1]}, femto {values[2]}"
+
+
+def add_train_arguments(parser):
+    from .train import PRESETS, TrainConfig
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                        help="starting point for every option below (default: baby, "
+                             "nanoGPT's CPU recipe; small: nanoGPT's Shakespeare recipe; "
+                             "femto: femtoGPT's model)")
+    for f in fields(TrainConfig):
+        kind = f.type if isinstance(f.type, type) else {"int": int, "float": float,
+                                                         "str": str}[f.type]
+        extra = {}
+        if f.name == "tokenizer":
+            extra["choices"] = ["char", "byte"]
+        metavar = {int: "N", float: "X", str: "PATH"}[kind]
+        if f.name in ("data",):
+            metavar = "FILE"
+        elif f.name == "out":
+            metavar = "DIR"
+        elif f.name == "tokenizer":
+            metavar = None
+        parser.add_argument(_flag(f.name), dest=f.name, type=kind, default=None,
+                            metavar=metavar,
+                            help=f"{TRAIN_HELP[f.name]} (default: {_preset_defaults(f.name)})",
+                            **extra)
+    parser.add_argument("--init-from", metavar="DIR", default=None,
+                        help="start a new run from another run's weights (its best model), "
+                             "with a fresh optimizer")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no live progress bar (eval lines are still printed)")
+
+
+def train_command(args):
+    from .train import PRESETS, train
+    base = PRESETS[args.preset or "baby"]
+    explicit = {f.name for f in fields(base) if getattr(args, f.name) is not None}
+    cfg = replace(base, **{name: getattr(args, name) for name in explicit})
+    run = train(cfg, init_from=args.init_from, explicit=explicit,
+                progress=None if not args.no_progress else False)
+    if run.interrupted:
+        return 130
+    if cfg.sample_tokens > 0:
+        model = run.model
+        model.eval()
+        from .sample import stream_sample
+        print("--- sample ---", file=sys.stderr)
+        stream_sample(model, run.tokenizer, "\n", cfg.sample_tokens, temperature=0.8,
+                      top_k=200, top_p=None, seed=cfg.seed)
+    return 0
+
+
+def build_parser():
+    from .sample import add_sample_arguments
+    parser = argparse.ArgumentParser(
+        prog="femtogpt",
+        description="Train a small GPT from scratch on your own text, on a CPU, and "
+                    "sample from it.",
+        epilog="Start with `femtogpt train` (Tiny Shakespeare, about a minute), then "
+               "`femtogpt sample`. `femtogpt COMMAND --help` lists each command's options.")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    p_train = sub.add_parser(
+        "train", help="train a model (or continue one) on a text file",
+        description="Train a GPT on a text file. If --out already holds a training state "
+                    "(ckpt.safetensors), training continues where it stopped. Ctrl-C saves "
+                    "and stops; run the same command again to continue.")
+    add_train_arguments(p_train)
+    p_train.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    p_sample = sub.add_parser(
+        "sample", help="generate text from a trained model",
+        description="Generate text from a trained model, streaming it to stdout.")
+    add_sample_arguments(p_sample)
+    p_sample.add_argument("--debug", action="store_true",
+                          help="show the full traceback on errors")
+    return parser
+
+
+def run_guarded(function, args):
+    """Run a command; user errors become one line on stderr and exit status 2."""
+    try:
+        return function(args)
+    except FemtoGPTError as err:
+        if getattr(args, "debug", False):
+            raise
+        print(f"femtogpt: error: {err}", file=sys.stderr)
+        return 2
+    except FloatingPointError as err:
+        if getattr(args, "debug", False):
+            raise
+        print(f"femtogpt: error: {err}", file=sys.stderr)
+        return 3
+    except BrokenPipeError:
+        # `femtogpt sample | head`: the reader left; not an error.
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+        return 0
+    except KeyboardInterrupt:
+        print("femtogpt: interrupted", file=sys.stderr)
+        return 130
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    from .sample import sample_command
+    command = {"train": train_command, "sample": sample_command}[args.command]
+    return run_guarded(command, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

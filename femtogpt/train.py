@@ -1,0 +1,513 @@
+"""Training: configuration, presets, AdamW, the loop, evaluation, checkpoints.
+
+The loop is nanoGPT's: random windows of the training text, forward, backward,
+clip the gradient's global norm, AdamW with linear warmup and cosine decay,
+evaluate both splits every eval_interval iterations. Everything needed to
+continue a run exactly (weights, AdamW moments, iteration, RNG states) is saved
+atomically in OUT/ckpt.safetensors; the best model so far in OUT/best.safetensors.
+"""
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, fields, replace
+
+import numpy as np
+
+from . import _core
+from .checkpoint import (BEST_NAME, LATEST_NAME, load_checkpoint, model_from_checkpoint,
+                         model_meta, save_checkpoint, checkpoint_path)
+from .data import check_split_size, encode_dataset, get_batch, read_text, split_train_val
+from .errors import CheckpointError, ConfigError, DataError
+from .model import GPT, GPTConfig
+from .tokenizer import build_tokenizer
+
+BUNDLED_DATA = os.path.join(os.path.dirname(__file__), "data", "tinyshakespeare.txt")
+
+ARCHITECTURE = ("n_layer", "n_head", "n_embd", "block_size")
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of a training run; each field is a `femtogpt train` flag."""
+    data: str = BUNDLED_DATA
+    out: str = "out"
+    tokenizer: str = "char"
+    # model
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    block_size: int = 64
+    dropout: float = 0.0
+    # optimisation
+    batch_size: int = 12
+    max_iters: int = 2000
+    learning_rate: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_iters: int = 100
+    beta1: float = 0.9
+    beta2: float = 0.99
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    # bookkeeping
+    eval_interval: int = 250
+    eval_iters: int = 20
+    save_interval: int = 250
+    seed: int = 1337
+    threads: int = 0          # 0: OMP_NUM_THREADS, else every core
+    sample_tokens: int = 500  # printed at the end of training (0: none)
+
+    def validate(self):
+        positive = ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "max_iters",
+                    "eval_interval", "eval_iters", "save_interval")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, "
+                                  f"got {value!r}")
+        for name in ("warmup_iters", "threads", "sample_tokens", "seed"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, "
+                                  f"got {getattr(self, name)}")
+        if self.n_embd % self.n_head:
+            raise ConfigError(f"--n-embd ({self.n_embd}) must be divisible by "
+                              f"--n-head ({self.n_head})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"--dropout must be in [0, 1), got {self.dropout}")
+        for name in ("learning_rate", "min_lr"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+                raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1], got {value}")
+        if self.learning_rate == 0.0:
+            raise ConfigError("--learning-rate must be positive")
+        if self.min_lr > self.learning_rate:
+            raise ConfigError(f"--min-lr ({self.min_lr}) must not exceed --learning-rate "
+                              f"({self.learning_rate})")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0.0):
+            raise ConfigError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        if not self.grad_clip >= 0.0:
+            raise ConfigError(f"--grad-clip must be >= 0 (0: off), got {self.grad_clip}")
+        return self
+
+
+# nanoGPT's CPU recipe (its README's "baby GPT"), nanoGPT's Shakespeare recipe for
+# a GPU, and femtoGPT's own model size.
+PRESETS = {
+    "baby": TrainConfig(),
+    "small": TrainConfig(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=64,
+                         max_iters=5000, dropout=0.2, eval_iters=200),
+    "femto": TrainConfig(n_layer=4, n_head=4, n_embd=64, block_size=64, batch_size=32),
+}
+
+
+def get_lr(it, cfg):
+    """nanoGPT's schedule: linear warmup, cosine decay to min_lr at max_iters."""
+    if it < cfg.warmup_iters:
+        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
+    if it >= cfg.max_iters:
+        return cfg.min_lr
+    ratio = (it - cfg.warmup_iters) / max(1, cfg.max_iters - cfg.warmup_iters)
+    coeff = 0.5 * (1.0 + math.cos(math.pi * ratio))
+    return cfg.min_lr + coeff * (cfg.learning_rate - cfg.min_lr)
+
+
+class AdamW:
+    """PyTorch's AdamW over the model's flat parameter block.
+
+    The moments are two more flat blocks with the parameters' layout. Weight
+    decay applies to the first model.n_decay elements (the rank >= 2 tensors).
+    """
+
+    def __init__(self, model, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1):
+        self.model = model
+        self.beta1, self.beta2, self.eps, self.weight_decay = beta1, beta2, eps, weight_decay
+        self._m = _core.Buffer(model.params_flat.size)
+        self._v = _core.Buffer(model.params_flat.size)
+        self.exp_avg = np.asarray(self._m)
+        self.exp_avg_sq = np.asarray(self._v)
+        self.step_count = 0
+
+    def step(self, lr, grad_scale=1.0):
+        self.step_count += 1
+        m = self.model
+        _core.py_adamw_update(m.params_flat, self.exp_avg, self.exp_avg_sq, m.grads_flat,
+                              m.n_decay, lr, self.beta1, self.beta2, self.eps,
+                              self.weight_decay, grad_scale, self.step_count)
+
+    def state_tensors(self):
+        named_m = self.model.named_views(self.exp_avg)
+        named_v = self.model.named_views(self.exp_avg_sq)
+        tensors = {f"optimizer.exp_avg.{k}": v.copy() for k, v in named_m.items()}
+        tensors.update({f"optimizer.exp_avg_sq.{k}": v.copy() for k, v in named_v.items()})
+        return tensors
+
+    def load_state_tensors(self, tensors, path):
+        for prefix, flat in (("optimizer.exp_avg.", self.exp_avg),
+                             ("optimizer.exp_avg_sq.", self.exp_avg_sq)):
+            for name, view in self.model.named_views(flat).items():
+                value = tensors.get(prefix + name)
+                if value is None or value.shape != view.shape or value.dtype != np.float32:
+                    raise CheckpointError(f"{path}: optimizer tensor {prefix + name} is "
+                                          "missing or has the wrong shape/dtype")
+                view[...] = value
+
+
+def grad_norm(model):
+    return math.sqrt(_core.py_sum_of_squares(model.grads_flat))
+
+
+# --------------------------------------------------------------------------- the run
+
+
+class Run:
+    """One training run: data, model, optimizer, RNG streams and bookkeeping."""
+
+    def __init__(self, cfg, log=print, init_from=None, explicit=()):
+        self.cfg = cfg.validate()
+        self.log = log
+        os.makedirs(cfg.out, exist_ok=True)
+        if not os.access(cfg.out, os.W_OK):
+            raise ConfigError(f"--out directory {cfg.out} is not writable")
+        self.latest_path = os.path.join(cfg.out, LATEST_NAME)
+        self.best_path = os.path.join(cfg.out, BEST_NAME)
+        self.metrics_path = os.path.join(cfg.out, "metrics.jsonl")
+        if cfg.threads:
+            _core.set_num_threads(cfg.threads)
+
+        text = read_text(cfg.data)
+        resume = os.path.exists(self.latest_path) and init_from is None
+        if resume:
+            self._resume(explicit)
+        else:
+            tokenizer = build_tokenizer(cfg.tokenizer, text)
+            if init_from is not None:
+                model, tokenizer = self._init_from(init_from)
+            else:
+                model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size,
+                                      block_size=cfg.block_size, n_layer=cfg.n_layer,
+                                      n_head=cfg.n_head, n_embd=cfg.n_embd,
+                                      dropout=cfg.dropout), seed=cfg.seed)
+            self.model, self.tokenizer = model, tokenizer
+            self.optimizer = AdamW(model, cfg.beta1, cfg.beta2, weight_decay=cfg.weight_decay)
+            self.iter = 0
+            self.best_val_loss = math.inf
+            self.elapsed = 0.0
+            # Separate streams, so that evaluating does not change the training batches.
+            self.rng_train = np.random.default_rng([cfg.seed, 0])
+            self.rng_eval = np.random.default_rng([cfg.seed, 1])
+            if os.path.exists(self.metrics_path):
+                os.remove(self.metrics_path)    # a fresh run in a reused directory
+        self.model.train()
+
+        ids = encode_dataset(text, self.tokenizer)
+        self.train_ids, self.val_ids = split_train_val(ids)
+        check_split_size(self.train_ids, cfg.block_size, "train")
+        check_split_size(self.val_ids, cfg.block_size, "val")
+        # Characters per token of the val split: bits per character compare runs
+        # whose tokenizers differ.
+        val_chars = len(self.tokenizer.decode(self.val_ids.tolist()))
+        self.val_chars_per_token = max(1, val_chars) / len(self.val_ids)
+        self.data_info = {"path": os.path.abspath(cfg.data), "chars": len(text),
+                          "tokens": int(len(ids))}
+        self.metrics = []
+
+    def _init_from(self, source):
+        try:
+            file = checkpoint_path(source, BEST_NAME)
+        except CheckpointError:
+            raise
+        tensors, meta = load_checkpoint(file)
+        model, tokenizer = model_from_checkpoint(file, tensors, meta)
+        mc = model.config
+        for name in ARCHITECTURE:
+            setattr(self.cfg, name, getattr(mc, name))
+        self.cfg.tokenizer = tokenizer.to_dict()["type"]
+        if self.cfg.dropout != mc.dropout:
+            model.config.dropout = self.cfg.dropout
+        self.log(f"initialised from {file} (fresh optimizer)")
+        return model, tokenizer
+
+    def _resume(self, explicit):
+        tensors, meta = load_checkpoint(self.latest_path)
+        if meta.get("kind") != "train_state":
+            raise CheckpointError(f"{self.latest_path} is not a training state")
+        model, tokenizer = model_from_checkpoint(self.latest_path, tensors, meta)
+        saved = meta.get("train_config", {})
+        mc = model.config
+        for name in ARCHITECTURE:
+            ours = getattr(self.cfg, name)
+            if name in explicit and ours != getattr(mc, name):
+                raise ConfigError(
+                    f"{self.latest_path} holds a model with {name}={getattr(mc, name)}, "
+                    f"but --{name.replace('_', '-')} {ours} was given; use another --out "
+                    f"to start a new run, or --init-from to start from its weights")
+            setattr(self.cfg, name, getattr(mc, name))
+        if "tokenizer" in explicit and self.cfg.tokenizer != tokenizer.to_dict()["type"]:
+            raise ConfigError(f"{self.latest_path} was trained with the "
+                              f"{tokenizer.to_dict()['type']} tokenizer, not {self.cfg.tokenizer}")
+        # Hyperparameters not given on this command line continue as they were.
+        for f in fields(TrainConfig):
+            if f.name not in explicit and f.name in saved and f.name not in ("out", "threads"):
+                setattr(self.cfg, f.name, saved[f.name])
+        self.cfg.validate()
+        model.config.dropout = self.cfg.dropout
+        self.model, self.tokenizer = model, tokenizer
+        self.optimizer = AdamW(model, self.cfg.beta1, self.cfg.beta2,
+                               weight_decay=self.cfg.weight_decay)
+        self.optimizer.load_state_tensors(tensors, self.latest_path)
+        try:
+            self.optimizer.step_count = int(meta["optimizer_step"])
+            self.iter = int(meta["iter"])
+            self.best_val_loss = float(meta["best_val_loss"])
+            self.elapsed = float(meta["elapsed_s"])
+            model.dropout_seed = int(meta["dropout_seed"])
+            model.dropout_calls = int(meta["dropout_calls"])
+            self.rng_train = _rng_from_state(meta["rng_train"])
+            self.rng_eval = _rng_from_state(meta["rng_eval"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise CheckpointError(f"{self.latest_path}: training state is incomplete "
+                                  f"({err})") from None
+        # Evaluations after the saved iteration will be redone: drop their rows.
+        rows = [r for r in _all_metrics(self.metrics_path) if r.get("iter", -1) < self.iter]
+        with open(self.metrics_path + ".tmp", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        os.replace(self.metrics_path + ".tmp", self.metrics_path)
+        self.log(f"resuming from {self.latest_path} at iteration {self.iter}")
+
+    # -- one step -----------------------------------------------------------------
+
+    def train_step(self):
+        cfg, model = self.cfg, self.model
+        x, y = get_batch(self.train_ids, cfg.batch_size, cfg.block_size, self.rng_train, "train")
+        loss = model.loss(x, y)
+        model.zero_grad()
+        model.backward(accumulate=True)
+        norm = grad_norm(model)
+        if not (math.isfinite(loss) and math.isfinite(norm)):
+            raise FloatingPointError(
+                f"loss became {loss} (gradient norm {norm}) at iteration {self.iter}; "
+                f"stopped without saving. Try a lower --learning-rate")
+        scale = 1.0
+        if cfg.grad_clip > 0.0 and norm > cfg.grad_clip:
+            scale = cfg.grad_clip / (norm + 1e-6)
+        lr = get_lr(self.iter, cfg)
+        self.optimizer.step(lr, scale)
+        self.iter += 1
+        return loss, lr
+
+    def estimate_loss(self):
+        """Mean loss over eval_iters random batches of each split, dropout off."""
+        cfg, model = self.cfg, self.model
+        model.eval()
+        out = {}
+        for split, ids in (("train", self.train_ids), ("val", self.val_ids)):
+            losses = [model.loss(*get_batch(ids, cfg.batch_size, cfg.block_size,
+                                            self.rng_eval, split))
+                      for _ in range(cfg.eval_iters)]
+            out[split] = float(np.mean(losses))
+        model.train()
+        return out
+
+    # -- saving --------------------------------------------------------------------
+
+    def save_latest(self):
+        if not np.all(np.isfinite(self.model.params_flat)):
+            raise FloatingPointError("weights are not finite; the last good checkpoint "
+                                     "was kept")
+        tensors = self.model.state_dict()
+        tensors.update(self.optimizer.state_tensors())
+        meta = model_meta(self.model, self.tokenizer)
+        meta.update({
+            "kind": "train_state",
+            "train_config": asdict(self.cfg),
+            "iter": self.iter,
+            "optimizer_step": self.optimizer.step_count,
+            "best_val_loss": self.best_val_loss if math.isfinite(self.best_val_loss) else 1e30,
+            "elapsed_s": self.elapsed,
+            "dropout_seed": self.model.dropout_seed,
+            "dropout_calls": self.model.dropout_calls,
+            "rng_train": self.rng_train.bit_generator.state,
+            "rng_eval": self.rng_eval.bit_generator.state,
+            "data": self.data_info,
+        })
+        save_checkpoint(self.latest_path, tensors, meta)
+
+    def save_best(self, val_loss):
+        meta = model_meta(self.model, self.tokenizer)
+        meta.update({"kind": "model", "iter": self.iter, "val_loss": val_loss})
+        save_checkpoint(self.best_path, self.model.state_dict(), meta)
+
+    def record(self, losses, lr, tokens_per_s):
+        entry = {"iter": self.iter, "train_loss": losses["train"], "val_loss": losses["val"],
+                 "val_bpc": losses["val"] * (1.0 / self.val_chars_per_token) / math.log(2),
+                 "lr": lr, "tokens_per_s": tokens_per_s, "elapsed_s": self.elapsed}
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+        self.metrics.append(entry)
+        return entry
+
+
+def _rng_from_state(state):
+    rng = np.random.default_rng()
+    if not isinstance(state, dict) or state.get("bit_generator") != "PCG64":
+        raise ValueError("unsupported RNG state")
+    rng.bit_generator.state = state
+    return rng
+
+
+def _all_metrics(path):
+    rows = []
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                line = line.strip()
+                if line:
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError:
+                        pass
+    return rows
+
+
+def plot_losses(metrics_path, png_path):
+    """Draw train/val loss against iteration; False when matplotlib is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows = _all_metrics(metrics_path)
+    if not rows:
+        return True
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    its = [r["iter"] for r in rows]
+    ax.plot(its, [r["train_loss"] for r in rows], marker="o", label="train")
+    ax.plot(its, [r["val_loss"] for r in rows], marker="o", label="val")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("loss (nats per token)")
+    ax.set_title("femtogpt training")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = png_path + ".tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, png_path)
+    return True
+
+
+class _StopOnSigint:
+    """Ctrl-C sets a flag: the loop finishes its step, saves and exits."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:        # not the main thread: leave Ctrl-C alone
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:        # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
+
+
+def train(cfg, init_from=None, explicit=(), progress=True, stream=None):
+    """Run (or continue) training as cfg says. Returns the Run."""
+    from tqdm import tqdm
+    stream = stream or sys.stderr
+    bar = None
+
+    def log(message):
+        if bar is not None:
+            bar.write(message, file=stream)
+        else:
+            print(message, file=stream)
+
+    run = Run(cfg, log=log, init_from=init_from, explicit=explicit)
+    cfg = run.cfg
+    model = run.model
+    n_params = model.num_parameters()
+    log(f"model: {cfg.n_layer} layers, {cfg.n_head} heads, {cfg.n_embd} wide, block "
+        f"{cfg.block_size}, vocab {model.config.vocab_size} ({cfg.tokenizer}): "
+        f"{n_params / 1e6:.2f}M parameters; {_core.get_num_threads()} threads")
+    log(f"data: {run.data_info['path']} ({len(run.train_ids):,} train / "
+        f"{len(run.val_ids):,} val tokens); out: {cfg.out}")
+    tokens_per_step = cfg.batch_size * cfg.block_size
+    have_plot = True
+    last_val = float("nan")
+    interrupted = False
+    bar = tqdm(total=cfg.max_iters, initial=min(run.iter, cfg.max_iters), file=stream,
+               disable=not progress, dynamic_ncols=True, unit="it",
+               bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]")
+    window_start, window_tokens = time.perf_counter(), 0
+    tokens_per_s = 0.0
+    with _StopOnSigint() as stop:
+        t_last = time.perf_counter()
+        while True:
+            it = run.iter
+            if it % cfg.eval_interval == 0 or it >= cfg.max_iters:
+                if window_tokens:
+                    tokens_per_s = window_tokens / max(1e-9, time.perf_counter() - window_start)
+                losses = run.estimate_loss()
+                run.elapsed += time.perf_counter() - t_last
+                t_last = time.perf_counter()
+                entry = run.record(losses, get_lr(min(it, cfg.max_iters), cfg), tokens_per_s)
+                last_val = losses["val"]
+                log(f"iter {it:5d}: train loss {losses['train']:.4f}, val loss "
+                    f"{losses['val']:.4f}, val {entry['val_bpc']:.3f} bits/char, "
+                    f"{tokens_per_s:,.0f} tokens/s, {run.elapsed:.1f}s")
+                if losses["val"] < run.best_val_loss:
+                    run.best_val_loss = losses["val"]
+                    run.save_best(losses["val"])
+                if have_plot:
+                    have_plot = plot_losses(run.metrics_path, os.path.join(cfg.out, "loss.png"))
+                window_start, window_tokens = time.perf_counter(), 0
+            if it >= cfg.max_iters:
+                break
+            loss, lr = run.train_step()
+            window_tokens += tokens_per_step
+            now = time.perf_counter()
+            run.elapsed += now - t_last
+            t_last = now
+            if progress:
+                rate = window_tokens / max(1e-9, now - window_start)
+                bar.set_postfix_str(f"loss {loss:.4f}, val {last_val:.4f}, {rate:,.0f} tok/s",
+                                    refresh=False)
+                bar.update(1)
+            if run.iter % cfg.save_interval == 0 and run.iter < cfg.max_iters:
+                run.save_latest()
+            if stop.requested:
+                interrupted = True
+                break
+    run.save_latest()
+    bar.close()
+    bar = None
+    if interrupted:
+        log(f"interrupted at iteration {run.iter}: saved {run.latest_path}; "
+            f"run the same command to continue")
+        run.interrupted = True
+        return run
+    run.interrupted = False
+    if not have_plot:
+        log(f"loss curve not drawn: matplotlib is not installed (pip install matplotlib); "
+            f"the numbers are in {run.metrics_path}")
+    else:
+        log(f"loss curve: {os.path.join(cfg.out, 'loss.png')}")
+    log(f"done: best val loss {run.best_val_loss:.4f}; model in {run.best_path}")
+    return run
