@@ -1343,14 +1343,16 @@ cdef class Graph:
         if B < 1 or T < 1 or T > self.max_T:
             raise ValueError(f"idx must be (B, T) with B >= 1 and 1 <= T <= {self.max_T}")
         _check_dropout(dropout)
-        self.idx = np.ascontiguousarray(idx).reshape(-1)
+        # Own copies: backward() reads them later, whatever the caller does with
+        # its arrays in between (and they may be read-only).
+        self.idx = np.array(idx, dtype=np.int32, copy=True).reshape(-1)
         _need_ids(self.idx, <Py_ssize_t>B * T, self.V, "idx")
         self.has_targets = False
         if targets is not None:
             targets_view = targets
             if targets_view.shape[0] != B or targets_view.shape[1] != T:
                 raise ValueError("targets must have the same shape as idx")
-            self.targets = np.ascontiguousarray(targets_view).reshape(-1)
+            self.targets = np.array(targets_view, dtype=np.int32, copy=True).reshape(-1)
             _need_ids(self.targets, <Py_ssize_t>B * T, self.V, "targets")
         self._prepare(B, T)
         self.dropout, self.seed = dropout, seed

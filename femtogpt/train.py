@@ -427,7 +427,7 @@ class _StopOnSigint:
         return False
 
 
-def train(cfg, init_from=None, explicit=(), progress=True, stream=None):
+def train(cfg, init_from=None, explicit=(), progress=None, stream=None):
     """Run (or continue) training as cfg says. Returns the Run."""
     from tqdm import tqdm
     stream = stream or sys.stderr
@@ -453,7 +453,9 @@ def train(cfg, init_from=None, explicit=(), progress=True, stream=None):
     last_val = float("nan")
     interrupted = False
     bar = tqdm(total=cfg.max_iters, initial=min(run.iter, cfg.max_iters), file=stream,
-               disable=not progress, dynamic_ncols=True, unit="it",
+               # progress None: tqdm decides (a bar on a terminal, none in a log file)
+               disable=None if progress is None else not progress,
+               dynamic_ncols=True, unit="it",
                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]")
     window_start, window_tokens = time.perf_counter(), 0
     tokens_per_s = 0.0
@@ -485,7 +487,7 @@ def train(cfg, init_from=None, explicit=(), progress=True, stream=None):
             now = time.perf_counter()
             run.elapsed += now - t_last
             t_last = now
-            if progress:
+            if not bar.disable:
                 rate = window_tokens / max(1e-9, now - window_start)
                 bar.set_postfix_str(f"loss {loss:.4f}, val {last_val:.4f}, {rate:,.0f} tok/s",
                                     refresh=False)
