@@ -22,8 +22,11 @@ Conventions
     (layernorm_backward adds into the residual stream's gradient).
   * Kernels trust their arguments. Everything they index is validated in Python
     before the GIL is released (model.py, and the def wrappers below).
-  * Reductions are done in a fixed order that does not depend on the number of
-    threads, so 1 and 2 threads give the same numbers.
+  * Reductions over rows (weight and bias gradients, norms) are done in a fixed
+    order that does not depend on the number of threads. Matrix products are
+    split into per-thread slices, and sgemm may round a slice differently from
+    the whole, so 1 and 2 threads agree to about 1e-6, not bit for bit; a
+    fixed thread count is bitwise reproducible.
 """
 
 from cython.parallel cimport prange
@@ -1340,20 +1343,27 @@ cdef class Graph:
         """
         cdef int B = idx.shape[0], T = idx.shape[1]
         cdef const int32_t[:, ::1] targets_view
+        cdef int32_t[::1] new_idx, new_targets = None
+        # Until this forward has fully succeeded, backward() is not allowed: a
+        # rejected call must not leave the previous call's state half replaced.
+        self.has_targets = False
         if B < 1 or T < 1 or T > self.max_T:
             raise ValueError(f"idx must be (B, T) with B >= 1 and 1 <= T <= {self.max_T}")
         _check_dropout(dropout)
-        # Own copies: backward() reads them later, whatever the caller does with
-        # its arrays in between (and they may be read-only).
-        self.idx = np.array(idx, dtype=np.int32, copy=True).reshape(-1)
-        _need_ids(self.idx, <Py_ssize_t>B * T, self.V, "idx")
-        self.has_targets = False
+        # Own copies, checked before they are kept: backward() reads them later,
+        # whatever the caller does with its arrays in between (and they may be
+        # read-only).
+        new_idx = np.array(idx, dtype=np.int32, copy=True).reshape(-1)
+        _need_ids(new_idx, <Py_ssize_t>B * T, self.V, "idx")
         if targets is not None:
             targets_view = targets
             if targets_view.shape[0] != B or targets_view.shape[1] != T:
                 raise ValueError("targets must have the same shape as idx")
-            self.targets = np.array(targets_view, dtype=np.int32, copy=True).reshape(-1)
-            _need_ids(self.targets, <Py_ssize_t>B * T, self.V, "targets")
+            new_targets = np.array(targets_view, dtype=np.int32, copy=True).reshape(-1)
+            _need_ids(new_targets, <Py_ssize_t>B * T, self.V, "targets")
+        self.idx = new_idx
+        if new_targets is not None:
+            self.targets = new_targets
         self._prepare(B, T)
         self.dropout, self.seed = dropout, seed
         with nogil:

@@ -38,9 +38,11 @@ class GPTConfig:
         for f in fields(self):
             value = getattr(self, f.name)
             if f.name == "dropout":
-                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                if isinstance(value, bool) or not isinstance(value, (int, float, np.floating,
+                                                                     np.integer)):
                     raise ConfigError(f"dropout must be a number, got {value!r}")
-                if not 0.0 <= value < 1.0:
+                # The core works in float32: 0.99999999 would become 1.0 there.
+                if not 0.0 <= np.float32(value) < 1.0:
                     raise ConfigError(f"dropout must be in [0, 1), got {value}")
                 self.dropout = float(value)
                 continue

@@ -179,15 +179,17 @@ class Run:
         if cfg.threads:
             _core.set_num_threads(cfg.threads)
 
-        text = read_text(cfg.data)
         resume = os.path.exists(self.latest_path) and init_from is None
         if resume:
-            self._resume(explicit)
-        else:
-            tokenizer = build_tokenizer(cfg.tokenizer, text)
+            self._resume(explicit)    # the run's own settings, --data included
+        # Saved absolute, so that a resume from another directory finds the text.
+        self.cfg.data = os.path.abspath(self.cfg.data)
+        text = read_text(self.cfg.data)
+        if not resume:
             if init_from is not None:
                 model, tokenizer = self._init_from(init_from)
             else:
+                tokenizer = build_tokenizer(cfg.tokenizer, text)
                 model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size,
                                       block_size=cfg.block_size, n_layer=cfg.n_layer,
                                       n_head=cfg.n_head, n_embd=cfg.n_embd,
