@@ -478,11 +478,10 @@ def test_bad_config_is_rejected(overrides, word):
 
 
 def test_dropout_that_rounds_to_one_in_float32_is_rejected_by_the_config():
-    # BUG (femtogpt/model.py, GPTConfig.__post_init__): dropout is checked as
-    # a Python float, 0 <= p < 1, but the core takes it as a C float, where
-    # 0.99999999 rounds to 1.0. The config is accepted and the first training
-    # forward fails inside the core instead. Either the config must refuse
-    # it (ConfigError) or the model must run with it.
+    # Regression: dropout was checked as a Python float, 0 <= p < 1, but the
+    # core takes a C float, where 0.99999999 rounds to 1.0: the config was
+    # accepted and the first training forward failed inside the core. Either
+    # the config must refuse it (ConfigError) or the model must run with it.
     p = 0.99999999
     assert np.float32(p) == 1.0
     try:
