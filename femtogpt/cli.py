@@ -122,12 +122,14 @@ def build_parser():
                     "(ckpt.safetensors), training continues where it stopped. Ctrl-C saves "
                     "and stops; run the same command again to continue.")
     add_train_arguments(p_train)
-    p_train.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    # SUPPRESS: a subcommand's own --debug must not reset `femtogpt --debug train`.
+    p_train.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                         help="show the full traceback on errors")
     p_sample = sub.add_parser(
         "sample", help="generate text from a trained model",
         description="Generate text from a trained model, streaming it to stdout.")
     add_sample_arguments(p_sample)
-    p_sample.add_argument("--debug", action="store_true",
+    p_sample.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                           help="show the full traceback on errors")
     return parser
 

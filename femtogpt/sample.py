@@ -99,7 +99,7 @@ def sample_command(args):
         _core.set_num_threads(args.threads)
     model, tokenizer = load(args.checkpoint if args.checkpoint is not None else args.out)
     if args.prompt_file is not None:
-        prompt = read_text(args.prompt_file)
+        prompt = read_text(args.prompt_file, what="prompt file")
     else:
         prompt = "\n" if args.prompt is None else args.prompt
     seed = args.seed

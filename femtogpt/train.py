@@ -170,9 +170,13 @@ class Run:
     def __init__(self, cfg, log=print, init_from=None, explicit=()):
         self.cfg = cfg.validate()
         self.log = log
-        os.makedirs(cfg.out, exist_ok=True)
+        try:
+            os.makedirs(cfg.out, exist_ok=True)
+        except OSError as err:
+            raise ConfigError(f"cannot use --out {cfg.out}: {err.strerror or err}") from None
         if not os.access(cfg.out, os.W_OK):
             raise ConfigError(f"--out directory {cfg.out} is not writable")
+        _remove_stale_temp_files(cfg.out)
         self.latest_path = os.path.join(cfg.out, LATEST_NAME)
         self.best_path = os.path.join(cfg.out, BEST_NAME)
         self.metrics_path = os.path.join(cfg.out, "metrics.jsonl")
@@ -187,7 +191,7 @@ class Run:
         text = read_text(self.cfg.data)
         if not resume:
             if init_from is not None:
-                model, tokenizer = self._init_from(init_from)
+                model, tokenizer = self._init_from(init_from, explicit)
             else:
                 tokenizer = build_tokenizer(cfg.tokenizer, text)
                 model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size,
@@ -197,6 +201,7 @@ class Run:
             self.model, self.tokenizer = model, tokenizer
             self.optimizer = AdamW(model, cfg.beta1, cfg.beta2, weight_decay=cfg.weight_decay)
             self.iter = 0
+            self.last_eval_iter = -1      # the iteration whose evaluation is recorded last
             self.best_val_loss = math.inf
             self.elapsed = 0.0
             # Separate streams, so that evaluating does not change the training batches.
@@ -218,16 +223,19 @@ class Run:
                           "tokens": int(len(ids))}
         self.metrics = []
 
-    def _init_from(self, source):
-        try:
-            file = checkpoint_path(source, BEST_NAME)
-        except CheckpointError:
-            raise
+    def _init_from(self, source, explicit):
+        file = checkpoint_path(source, BEST_NAME)
         tensors, meta = load_checkpoint(file)
         model, tokenizer = model_from_checkpoint(file, tensors, meta)
         mc = model.config
         for name in ARCHITECTURE:
+            if name in explicit and getattr(self.cfg, name) != getattr(mc, name):
+                raise ConfigError(
+                    f"--init-from {source}: its model has {name}={getattr(mc, name)}, "
+                    f"but --{name.replace('_', '-')} {getattr(self.cfg, name)} was given; "
+                    f"the architecture comes from the source run")
             setattr(self.cfg, name, getattr(mc, name))
+        model.dropout_seed = self.cfg.seed
         self.cfg.tokenizer = tokenizer.to_dict()["type"]
         if self.cfg.dropout != mc.dropout:
             model.config.dropout = self.cfg.dropout
@@ -265,6 +273,7 @@ class Run:
         try:
             self.optimizer.step_count = int(meta["optimizer_step"])
             self.iter = int(meta["iter"])
+            self.last_eval_iter = int(meta["last_eval_iter"])
             self.best_val_loss = float(meta["best_val_loss"])
             self.elapsed = float(meta["elapsed_s"])
             model.dropout_seed = int(meta["dropout_seed"])
@@ -274,8 +283,9 @@ class Run:
         except (KeyError, TypeError, ValueError) as err:
             raise CheckpointError(f"{self.latest_path}: training state is incomplete "
                                   f"({err})") from None
-        # Evaluations after the saved iteration will be redone: drop their rows.
-        rows = [r for r in _all_metrics(self.metrics_path) if r.get("iter", -1) < self.iter]
+        # Evaluations the saved state has not seen will be redone: drop their rows.
+        rows = [r for r in _all_metrics(self.metrics_path)
+                if r.get("iter", -1) <= self.last_eval_iter]
         with open(self.metrics_path + ".tmp", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
         os.replace(self.metrics_path + ".tmp", self.metrics_path)
@@ -329,6 +339,7 @@ class Run:
             "train_config": asdict(self.cfg),
             "iter": self.iter,
             "optimizer_step": self.optimizer.step_count,
+            "last_eval_iter": self.last_eval_iter,
             "best_val_loss": self.best_val_loss if math.isfinite(self.best_val_loss) else 1e30,
             "elapsed_s": self.elapsed,
             "dropout_seed": self.model.dropout_seed,
@@ -352,6 +363,18 @@ class Run:
             f.write(json.dumps(entry) + "\n")
         self.metrics.append(entry)
         return entry
+
+
+def _remove_stale_temp_files(out):
+    # A save killed half-way (SIGKILL, power loss) leaves its temporary file;
+    # the checkpoint itself is intact. One run owns a directory, so any such
+    # file is stale when a run starts.
+    for name in os.listdir(out):
+        if name.startswith((f".{LATEST_NAME}.tmp-", f".{BEST_NAME}.tmp-")):
+            try:
+                os.remove(os.path.join(out, name))
+            except OSError:
+                pass
 
 
 def _rng_from_state(state):
@@ -461,17 +484,26 @@ def train(cfg, init_from=None, explicit=(), progress=None, stream=None):
                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]")
     window_start, window_tokens = time.perf_counter(), 0
     tokens_per_s = 0.0
+    if run.iter >= cfg.max_iters and run.last_eval_iter == run.iter:
+        bar.close()
+        bar = None
+        log(f"{cfg.out} has already trained for {run.iter} iterations (best val loss "
+            f"{run.best_val_loss:.4f}); raise --max-iters to train further")
+        run.interrupted = False
+        return run
     with _StopOnSigint() as stop:
         t_last = time.perf_counter()
         while True:
             it = run.iter
-            if it % cfg.eval_interval == 0 or it >= cfg.max_iters:
+            due = it % cfg.eval_interval == 0 or it >= cfg.max_iters
+            if due and it != run.last_eval_iter:
                 if window_tokens:
                     tokens_per_s = window_tokens / max(1e-9, time.perf_counter() - window_start)
                 losses = run.estimate_loss()
                 run.elapsed += time.perf_counter() - t_last
                 t_last = time.perf_counter()
                 entry = run.record(losses, get_lr(min(it, cfg.max_iters), cfg), tokens_per_s)
+                run.last_eval_iter = it
                 last_val = losses["val"]
                 log(f"iter {it:5d}: train loss {losses['train']:.4f}, val loss "
                     f"{losses['val']:.4f}, val {entry['val_bpc']:.3f} bits/char, "

@@ -34,7 +34,7 @@ def test_read_text_missing(tmp_path):
 def test_read_text_directory(tmp_path):
     with pytest.raises(DataError) as info:
         read_text(tmp_path)
-    assert str(info.value) == f"data path is a directory, not a text file: {tmp_path}"
+    assert str(info.value) == f"data file is a directory, not a text file: {tmp_path}"
 
 
 def test_read_text_empty(tmp_path):

@@ -1,0 +1,637 @@
+"""Training: the loop, the learning-rate schedule, AdamW, clipping, checkpoints, resume.
+
+Everything runs on tiny models (1 layer, 16 wide, context 8) and a small
+repetitive text, at one OpenMP thread, so that runs are fast and bit-for-bit
+reproducible. The subprocess tests kill a real `femtogpt train` (SIGKILL, and
+SIGINT / Ctrl-C) mid-run and check that running the same command again ends
+with exactly the weights of an uninterrupted run.
+"""
+import errno
+import glob
+import json
+import math
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+
+import femtogpt
+from femtogpt import _core
+from femtogpt import checkpoint as checkpoint_module
+from femtogpt import train as train_module
+from femtogpt.checkpoint import load_checkpoint
+from femtogpt.errors import CheckpointError, ConfigError
+from femtogpt.train import AdamW, Run, TrainConfig, get_lr, grad_norm, train
+
+TEXT = "the quick brown fox jumps over the lazy dog.\n" * 40
+VOCAB = sorted(set(TEXT))
+METRIC_KEYS = {"iter", "train_loss", "val_loss", "lr", "tokens_per_s", "elapsed_s", "val_bpc"}
+TIMING_KEYS = {"tokens_per_s", "elapsed_s"}
+PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(femtogpt.__file__)))
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    # TrainConfig(threads=1) sets the core's thread count for the whole process.
+    saved = femtogpt.get_num_threads()
+    yield
+    femtogpt.set_num_threads(saved)
+
+
+@pytest.fixture
+def data_file(tmp_path):
+    path = tmp_path / "data.txt"
+    path.write_text(TEXT, encoding="utf-8")
+    return str(path)
+
+
+def tiny(tmp_path, data, out="run", **overrides):
+    values = dict(data=data, out=str(tmp_path / out), n_layer=1, n_head=2, n_embd=16,
+                  block_size=8, batch_size=4, max_iters=20, eval_interval=5, eval_iters=3,
+                  save_interval=5, warmup_iters=4, learning_rate=1e-2, min_lr=1e-3,
+                  threads=1, sample_tokens=0, seed=7)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def quiet_train(cfg, **kwargs):
+    with open(os.devnull, "w") as sink:
+        return train(cfg, progress=False, stream=sink, **kwargs)
+
+
+def metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def without_timing(rows):
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
+
+
+def assert_same_tensors(a, b):
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].dtype == b[name].dtype, name
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def assert_same_training_state(dir_a, dir_b):
+    """Two run directories hold bit-identical training states, best models and metrics."""
+    ta, ma = load_checkpoint(os.path.join(dir_a, "ckpt.safetensors"))
+    tb, mb = load_checkpoint(os.path.join(dir_b, "ckpt.safetensors"))
+    assert_same_tensors(ta, tb)
+    for key in ("iter", "optimizer_step", "best_val_loss", "rng_train", "rng_eval",
+                "dropout_seed", "dropout_calls", "model_config", "tokenizer"):
+        assert ma[key] == mb[key], key
+    ba, bma = load_checkpoint(os.path.join(dir_a, "best.safetensors"))
+    bb, bmb = load_checkpoint(os.path.join(dir_b, "best.safetensors"))
+    assert_same_tensors(ba, bb)
+    assert (bma["iter"], bma["val_loss"]) == (bmb["iter"], bmb["val_loss"])
+    assert without_timing(metrics(dir_a)) == without_timing(metrics(dir_b))
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def test_training_drives_val_loss_down_and_logs_every_eval(tmp_path, data_file):
+    cfg = tiny(tmp_path, data_file, max_iters=60, eval_interval=20, eval_iters=5)
+    run = quiet_train(cfg)
+    rows = metrics(cfg.out)
+    assert [r["iter"] for r in rows] == [0, 20, 40, 60]
+    for r in rows:
+        assert set(r) == METRIC_KEYS
+        # char tokenizer: one character per token, so bits/char = loss / ln 2
+        assert r["val_bpc"] == pytest.approx(r["val_loss"] / math.log(2), rel=1e-12)
+        assert r["lr"] == pytest.approx(get_lr(r["iter"], cfg), rel=1e-12)
+    first, last = rows[0], rows[-1]
+    # An untrained model (N(0, 0.02) weights) predicts nearly uniformly over the vocabulary.
+    assert first["val_loss"] == pytest.approx(math.log(len(VOCAB)), abs=0.05)
+    assert first["train_loss"] == pytest.approx(math.log(len(VOCAB)), abs=0.05)
+    # This text is one sentence repeated: a tiny model learns most of it.
+    assert last["val_loss"] < 0.6 * first["val_loss"]
+    assert last["train_loss"] < 0.6 * first["train_loss"]
+    assert run.iter == 60 and run.interrupted is False
+    assert run.best_val_loss == min(r["val_loss"] for r in rows)
+    assert run.metrics == rows
+
+
+def test_val_bpc_counts_characters_not_tokens(tmp_path):
+    # Byte tokenizer on 2-byte characters: two tokens per character, so bits per
+    # character are twice the per-token loss in bits.
+    text = "éàüöß ñç\n"          # 9 characters, 16 bytes
+    path = tmp_path / "utf8.txt"
+    path.write_text(text * 30, encoding="utf-8")
+    n_bytes = len((text * 30).encode())
+    n_train = int(n_bytes * 0.9)
+    val_bytes = (text * 30).encode()[n_train:]
+    chars_per_token = len(val_bytes.decode("utf-8", errors="replace")) / len(val_bytes)
+    cfg = tiny(tmp_path, str(path), tokenizer="byte", max_iters=5, eval_interval=5)
+    quiet_train(cfg)
+    for row in metrics(cfg.out):
+        assert row["val_bpc"] == pytest.approx(row["val_loss"] / chars_per_token / math.log(2),
+                                               rel=1e-12)
+    assert chars_per_token < 0.6
+
+
+# --------------------------------------------------------------------------- schedule
+
+
+def test_get_lr_is_nanogpt_schedule():
+    cfg = TrainConfig(learning_rate=1e-3, min_lr=1e-4, warmup_iters=100, max_iters=2000)
+    # linear warmup: (it + 1) / (warmup + 1) of the peak
+    assert get_lr(0, cfg) == pytest.approx(1e-3 * 1 / 101, rel=1e-12)
+    assert get_lr(49, cfg) == pytest.approx(1e-3 * 50 / 101, rel=1e-12)
+    assert get_lr(99, cfg) == pytest.approx(1e-3 * 100 / 101, rel=1e-12)
+    # cosine: the peak right after warmup, the middle value half way, min_lr at the end
+    assert get_lr(100, cfg) == pytest.approx(1e-3, rel=1e-12)
+    assert get_lr(1050, cfg) == pytest.approx(1e-4 + 0.5 * 9e-4, rel=1e-12)
+    quarter = 100 + 1900 // 4     # ratio 0.25: coefficient (1 + cos(pi/4)) / 2
+    assert get_lr(quarter, cfg) == pytest.approx(
+        1e-4 + 0.5 * (1 + math.sqrt(0.5)) * 9e-4, rel=1e-12)
+    assert get_lr(2000, cfg) == pytest.approx(1e-4, rel=1e-12)
+    assert get_lr(5000, cfg) == pytest.approx(1e-4, rel=1e-12)
+    # strictly decreasing through the decay
+    values = [get_lr(it, cfg) for it in range(100, 2001, 50)]
+    assert all(a > b for a, b in zip(values, values[1:]))
+
+
+def test_get_lr_without_warmup():
+    cfg = TrainConfig(learning_rate=0.5, min_lr=0.1, warmup_iters=0, max_iters=10)
+    assert get_lr(0, cfg) == pytest.approx(0.5, rel=1e-12)
+    assert get_lr(5, cfg) == pytest.approx(0.3, rel=1e-12)
+    assert get_lr(10, cfg) == pytest.approx(0.1, rel=1e-12)
+
+
+# --------------------------------------------------------------------------- AdamW
+
+
+def perturbed_run(tmp_path, data_file, **overrides):
+    run = Run(tiny(tmp_path, data_file, **overrides), log=lambda message: None)
+    rng = np.random.default_rng(3)
+    model = run.model
+    # Nonzero values everywhere a tensor lives (biases start at 0, LayerNorm at 1).
+    for view in model.named_views(model.params_flat).values():
+        view[...] = rng.standard_normal(view.shape).astype(np.float32)
+    return run
+
+
+def test_weight_decay_only_on_matrices_and_embeddings(tmp_path, data_file):
+    run = perturbed_run(tmp_path, data_file, weight_decay=0.1)
+    model = run.model
+    before = model.state_dict()
+    model.zero_grad()
+    run.optimizer.step(lr=0.5)           # zero gradients: only the decay moves weights
+    after = model.state_dict()
+    decayed = set()
+    for name, old in before.items():
+        if old.ndim >= 2:
+            decayed.add(name)
+            np.testing.assert_allclose(after[name], old * (1 - 0.5 * 0.1), rtol=1e-6,
+                                       err_msg=name)
+        else:
+            np.testing.assert_array_equal(after[name], old, err_msg=name)
+    assert decayed == {"transformer.wte.weight", "transformer.wpe.weight",
+                       "transformer.h.0.attn.c_attn.weight", "transformer.h.0.attn.c_proj.weight",
+                       "transformer.h.0.mlp.c_fc.weight", "transformer.h.0.mlp.c_proj.weight"}
+
+
+def test_adamw_matches_pytorch_formula(tmp_path, data_file):
+    run = perturbed_run(tmp_path, data_file, weight_decay=0.1, beta1=0.9, beta2=0.99)
+    model, opt = run.model, run.optimizer
+    names = list(model.state_dict())
+    rank = {n: v.ndim for n, v in model.state_dict().items()}
+    p = {n: v.astype(np.float64) for n, v in model.state_dict().items()}
+    m = {n: np.zeros_like(v) for n, v in p.items()}
+    v2 = {n: np.zeros_like(v) for n, v in p.items()}
+    rng = np.random.default_rng(11)
+    for step, (lr, scale) in enumerate([(1e-2, 1.0), (3e-3, 0.25), (5e-2, 2.0)], start=1):
+        grads = model.named_views(model.grads_flat)
+        model.zero_grad()
+        for name in names:
+            grads[name][...] = rng.standard_normal(grads[name].shape).astype(np.float32)
+        g = {n: grads[n].astype(np.float64) * scale for n in names}
+        opt.step(lr, scale)
+        for n in names:
+            wd = 0.1 if rank[n] >= 2 else 0.0
+            p[n] = p[n] * (1 - lr * wd)                     # torch.optim.AdamW: decay first
+            m[n] = 0.9 * m[n] + 0.1 * g[n]
+            v2[n] = 0.99 * v2[n] + 0.01 * g[n] ** 2
+            m_hat = m[n] / (1 - 0.9 ** step)
+            v_hat = v2[n] / (1 - 0.99 ** step)
+            p[n] = p[n] - lr * m_hat / (np.sqrt(v_hat) + 1e-8)
+        assert opt.step_count == step
+        got = model.state_dict()
+        for n in names:
+            np.testing.assert_allclose(got[n], p[n], rtol=2e-5, atol=2e-6, err_msg=n)
+        moments = opt.state_tensors()
+        for n in names:
+            np.testing.assert_allclose(moments["optimizer.exp_avg." + n], m[n], rtol=2e-5,
+                                       atol=1e-7, err_msg=n)
+            np.testing.assert_allclose(moments["optimizer.exp_avg_sq." + n], v2[n], rtol=2e-5,
+                                       atol=1e-9, err_msg=n)
+
+
+def test_grad_norm_is_float64_global_norm(tmp_path, data_file):
+    run = perturbed_run(tmp_path, data_file)
+    model = run.model
+    rng = np.random.default_rng(5)
+    model.grads_flat[:] = (rng.standard_normal(model.grads_flat.size) * 1e3).astype(np.float32)
+    expected = math.sqrt(float(np.sum(model.grads_flat.astype(np.float64) ** 2)))
+    assert grad_norm(model) == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("clip", [0.0, 1e-3, 1e6])
+def test_gradient_clipping_scales_the_gradient_adamw_sees(tmp_path, data_file, clip):
+    run = Run(tiny(tmp_path, data_file, grad_clip=clip), log=lambda message: None)
+    run.train_step()
+    g = run.model.grads_flat.astype(np.float64)     # the step's raw gradient, still held
+    norm = math.sqrt(float(np.sum(g ** 2)))
+    assert norm > 1e-3                              # so that clip 1e-3 does clip
+    expected_scale = clip / (norm + 1e-6) if 0 < clip < norm else 1.0
+    # First AdamW step: exp_avg = (1 - beta1) * grad_scale * grad.
+    np.testing.assert_allclose(run.optimizer.exp_avg, (1 - run.cfg.beta1) * expected_scale * g,
+                               rtol=1e-5, atol=1e-12)
+    np.testing.assert_allclose(run.optimizer.exp_avg_sq,
+                               (1 - run.cfg.beta2) * (expected_scale * g) ** 2,
+                               rtol=1e-4, atol=1e-20)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def test_checkpoint_holds_the_whole_training_state(tmp_path, data_file):
+    cfg = tiny(tmp_path, data_file, max_iters=12, eval_interval=4, save_interval=5)
+    run = quiet_train(cfg)
+    tensors, meta = load_checkpoint(os.path.join(cfg.out, "ckpt.safetensors"))
+    state = run.model.state_dict()
+    moments = run.optimizer.state_tensors()
+    assert set(tensors) == set(state) | set(moments)
+    assert set(moments) == ({"optimizer.exp_avg." + n for n in state}
+                            | {"optimizer.exp_avg_sq." + n for n in state})
+    assert_same_tensors({n: tensors[n] for n in state}, state)
+    assert_same_tensors({n: tensors[n] for n in moments}, moments)
+    assert np.any(moments["optimizer.exp_avg_sq.transformer.wte.weight"] != 0)
+    assert meta["kind"] == "train_state"
+    assert meta["iter"] == 12 and meta["optimizer_step"] == 12
+    assert meta["rng_train"] == run.rng_train.bit_generator.state
+    assert meta["rng_eval"] == run.rng_eval.bit_generator.state
+    assert meta["train_config"] == asdict(run.cfg)
+    assert meta["train_config"]["max_iters"] == 12
+    assert meta["model_config"] == {"vocab_size": len(VOCAB), "block_size": 8, "n_layer": 1,
+                                    "n_head": 2, "n_embd": 16, "dropout": 0.0}
+    assert meta["tokenizer"] == {"type": "char", "chars": "".join(VOCAB)}
+    rows = metrics(cfg.out)
+    assert meta["best_val_loss"] == min(r["val_loss"] for r in rows)
+    # best.safetensors: the model of the evaluation with the lowest val loss
+    best_tensors, best_meta = load_checkpoint(os.path.join(cfg.out, "best.safetensors"))
+    best_row = min(rows, key=lambda r: r["val_loss"])
+    assert best_meta["kind"] == "model"
+    assert (best_meta["iter"], best_meta["val_loss"]) == (best_row["iter"], best_row["val_loss"])
+    assert set(best_tensors) == set(state)
+
+
+def test_load_round_trips_every_tensor_and_the_tokenizer(tmp_path, data_file):
+    cfg = tiny(tmp_path, data_file, max_iters=10)
+    run = quiet_train(cfg)
+    model, tokenizer = femtogpt.load(os.path.join(cfg.out, "ckpt.safetensors"))
+    assert_same_tensors(model.state_dict(), run.model.state_dict())
+    assert model.config == run.model.config
+    assert model.training is False
+    assert tokenizer == run.tokenizer
+    assert tokenizer.decode(tokenizer.encode(TEXT[:200])) == TEXT[:200]
+    assert tokenizer.encode("abc") == [VOCAB.index(c) for c in "abc"]
+    # A directory loads its best model.
+    best, _ = femtogpt.load(cfg.out)
+    best_tensors, _ = load_checkpoint(os.path.join(cfg.out, "best.safetensors"))
+    assert_same_tensors(best.state_dict(), best_tensors)
+    # ...and the loaded model computes what the trained one computes.
+    idx = np.array([tokenizer.encode("the lazy")])
+    run.model.eval()
+    np.testing.assert_array_equal(model.forward(idx)[0], run.model.forward(idx)[0])
+
+
+def test_save_latest_refuses_non_finite_weights(tmp_path, data_file):
+    cfg = tiny(tmp_path, data_file, max_iters=5)
+    run = quiet_train(cfg)
+    path = os.path.join(cfg.out, "ckpt.safetensors")
+    saved = open(path, "rb").read()
+    run.model.params_flat[0] = np.inf
+    with pytest.raises(FloatingPointError, match="not finite"):
+        run.save_latest()
+    assert open(path, "rb").read() == saved
+
+
+def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, data_file, monkeypatch):
+    cfg = tiny(tmp_path, data_file, max_iters=20, save_interval=5)
+    names = ("best.safetensors", "ckpt.safetensors")
+    real_write = checkpoint_module._write_durably
+    writes, before = [], {}
+
+    def write_then_fill_the_disk(path, payload):
+        writes.append(path)
+        if len(writes) <= 2:              # best at iteration 0, ckpt at iteration 5
+            return real_write(path, payload)
+        if not before:
+            before.update({n: open(os.path.join(cfg.out, n), "rb").read() for n in names})
+        with open(path, "wb") as f:      # half a file, then the disk is full
+            f.write(payload[:len(payload) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint_module, "_write_durably", write_then_fill_the_disk)
+    with pytest.raises(CheckpointError, match="No space left on device"):
+        quiet_train(cfg)
+    assert len(writes) == 3
+    for name in names:
+        assert open(os.path.join(cfg.out, name), "rb").read() == before[name], name
+    tensors, meta = load_checkpoint(os.path.join(cfg.out, "ckpt.safetensors"))
+    assert meta["iter"] == 5
+    assert load_checkpoint(os.path.join(cfg.out, "best.safetensors"))[1]["iter"] == 0
+    # No half-written temp file is left behind next to them.
+    assert sorted(os.listdir(cfg.out)) == ["best.safetensors", "ckpt.safetensors",
+                                           "metrics.jsonl"]
+    # ...and the run continues from the intact state.
+    monkeypatch.setattr(checkpoint_module, "_write_durably", real_write)
+    assert quiet_train(cfg).iter == 20
+
+
+def test_non_finite_loss_stops_without_overwriting_the_checkpoint(tmp_path, data_file,
+                                                                 monkeypatch):
+    cfg = tiny(tmp_path, data_file, max_iters=20, save_interval=5, eval_interval=100)
+    path = os.path.join(cfg.out, "ckpt.safetensors")
+    original = Run.train_step
+    snapshot = {}
+
+    def poisoned_step(self):
+        if self.iter == 7:
+            snapshot["bytes"] = open(path, "rb").read()
+            views = self.model.named_views(self.model.params_flat)
+            views["transformer.ln_f.bias"][0] = np.inf
+        return original(self)
+
+    monkeypatch.setattr(Run, "train_step", poisoned_step)
+    with pytest.raises(FloatingPointError, match="at iteration 7"):
+        quiet_train(cfg)
+    assert open(path, "rb").read() == snapshot["bytes"]
+    tensors, meta = load_checkpoint(path)
+    assert meta["iter"] == 5
+    assert all(np.all(np.isfinite(t)) for t in tensors.values())
+
+
+# --------------------------------------------------------------------------- resume
+
+
+def interrupt_after(monkeypatch, k):
+    """Ctrl-C (a real SIGINT to this process) right after iteration k's step."""
+    original = Run.train_step
+
+    def step(self):
+        result = original(self)
+        if self.iter == k:
+            os.kill(os.getpid(), signal.SIGINT)
+        return result
+
+    monkeypatch.setattr(Run, "train_step", step)
+
+
+@pytest.mark.parametrize("k", [9, 10, 13])
+def test_interrupt_and_resume_equals_uninterrupted(tmp_path, data_file, monkeypatch, k):
+    # dropout on: the dropout masks' stream must continue exactly too
+    settings = dict(max_iters=24, eval_interval=5, save_interval=4, dropout=0.1)
+    straight = quiet_train(tiny(tmp_path, data_file, out="a", **settings))
+
+    cfg_b = tiny(tmp_path, data_file, out="b", **settings)
+    interrupt_after(monkeypatch, k)
+    first = quiet_train(cfg_b)
+    monkeypatch.undo()
+    assert first.interrupted is True and first.iter == k
+    assert load_checkpoint(os.path.join(cfg_b.out, "ckpt.safetensors"))[1]["iter"] == k
+    assert [r["iter"] for r in metrics(cfg_b.out)] == list(range(0, k, 5))
+    second = quiet_train(tiny(tmp_path, data_file, out="b", **settings))
+    assert second.interrupted is False and second.iter == 24
+    assert_same_tensors(second.model.state_dict(), straight.model.state_dict())
+    assert_same_training_state(straight.cfg.out, cfg_b.out)
+
+
+def test_resume_keeps_saved_hyperparameters_unless_given(tmp_path, data_file):
+    quiet_train(tiny(tmp_path, data_file, max_iters=10, learning_rate=5e-3, batch_size=3))
+    # A later call with other values, none of them "given": the saved ones win.
+    kept = quiet_train(tiny(tmp_path, data_file, max_iters=12, learning_rate=1e-3,
+                            batch_size=6), explicit={"max_iters"})
+    assert (kept.cfg.learning_rate, kept.cfg.batch_size, kept.cfg.max_iters) == (5e-3, 3, 12)
+    assert kept.iter == 12
+    changed = quiet_train(tiny(tmp_path, data_file, max_iters=14, learning_rate=2e-3),
+                          explicit={"max_iters", "learning_rate"})
+    assert (changed.cfg.learning_rate, changed.cfg.batch_size) == (2e-3, 3)
+    meta = load_checkpoint(os.path.join(changed.cfg.out, "ckpt.safetensors"))[1]
+    assert meta["train_config"]["learning_rate"] == 2e-3
+    iters = [r["iter"] for r in metrics(changed.cfg.out)]
+    assert iters[:3] == [0, 5, 10] and iters[-1] == 14
+
+
+def test_extending_max_iters_continues_the_run(tmp_path, data_file):
+    # Inside the warmup the schedule does not depend on max_iters, so training to
+    # 8 and then extending to 16 must equal training to 16 at once.
+    settings = dict(warmup_iters=100, eval_interval=4, save_interval=3)
+    straight = quiet_train(tiny(tmp_path, data_file, out="a", max_iters=16, **settings))
+    quiet_train(tiny(tmp_path, data_file, out="b", max_iters=8, **settings))
+    extended = quiet_train(tiny(tmp_path, data_file, out="b", max_iters=16, **settings),
+                           explicit={"max_iters"})
+    assert extended.iter == 16
+    assert_same_tensors(extended.model.state_dict(), straight.model.state_dict())
+    ta = load_checkpoint(os.path.join(straight.cfg.out, "ckpt.safetensors"))[0]
+    tb = load_checkpoint(os.path.join(extended.cfg.out, "ckpt.safetensors"))[0]
+    assert_same_tensors(ta, tb)
+    assert [r["iter"] for r in metrics(extended.cfg.out)] == [0, 4, 8, 12, 16]
+
+
+def test_rerunning_a_finished_run_keeps_its_weights(tmp_path, data_file):
+    cfg = tiny(tmp_path, data_file, max_iters=10, eval_interval=5)
+    done = quiet_train(cfg)
+    before = load_checkpoint(os.path.join(cfg.out, "ckpt.safetensors"))[0]
+    again = quiet_train(tiny(tmp_path, data_file, max_iters=10, eval_interval=5))
+    assert again.iter == 10
+    assert_same_tensors(again.model.state_dict(), done.model.state_dict())
+    assert_same_tensors(load_checkpoint(os.path.join(cfg.out, "ckpt.safetensors"))[0], before)
+    # one row per evaluation, none duplicated
+    assert [r["iter"] for r in metrics(cfg.out)] == [0, 5, 10]
+
+
+def test_resume_with_other_architecture_flag_is_refused(tmp_path, data_file):
+    quiet_train(tiny(tmp_path, data_file, max_iters=5))
+    with pytest.raises(ConfigError) as info:
+        quiet_train(tiny(tmp_path, data_file, max_iters=10, n_embd=32),
+                    explicit={"max_iters", "n_embd"})
+    message = str(info.value)
+    assert "n_embd=16" in message and "--n-embd 32" in message
+    assert "--init-from" in message and "\n" not in message
+    # Not given on the command line: the saved architecture simply continues.
+    run = quiet_train(tiny(tmp_path, data_file, max_iters=10, n_embd=32, n_head=4),
+                      explicit={"max_iters"})
+    assert (run.cfg.n_embd, run.cfg.n_head, run.model.config.n_embd) == (16, 2, 16)
+    assert run.iter == 10
+
+
+def test_resume_refuses_another_tokenizer(tmp_path, data_file):
+    quiet_train(tiny(tmp_path, data_file, max_iters=5))
+    with pytest.raises(ConfigError, match="char tokenizer, not byte"):
+        quiet_train(tiny(tmp_path, data_file, max_iters=10, tokenizer="byte"),
+                    explicit={"max_iters", "tokenizer"})
+
+
+def test_resume_without_data_flag_trains_on_the_saved_data(tmp_path, data_file):
+    """Regression (femtogpt/train.py, Run.__init__): the text used to be read from
+    cfg.data *before* _resume() restored the saved --data, so `femtogpt train --out D`
+    (continuing a run started with `--data F --out D`) read the bundled Tiny
+    Shakespeare instead of F: with the char tokenizer it died with "training text has
+    characters the tokenizer does not know", with --tokenizer byte it would have gone
+    on training on the wrong text."""
+    quiet_train(tiny(tmp_path, data_file, max_iters=5))
+    resumed_cfg = TrainConfig(out=str(tmp_path / "run"), max_iters=10, threads=1,
+                              sample_tokens=0)     # data: the default, not given
+    run = quiet_train(resumed_cfg, explicit={"max_iters"})
+    assert run.cfg.data == data_file
+    assert run.iter == 10
+    assert len(run.train_ids) + len(run.val_ids) == len(TEXT)
+
+
+def test_init_from_starts_fresh_from_the_best_model(tmp_path, data_file):
+    source = quiet_train(tiny(tmp_path, data_file, out="src", max_iters=10, eval_interval=5))
+    best_tensors, best_meta = load_checkpoint(os.path.join(source.cfg.out, "best.safetensors"))
+    # Make the latest state differ from the best model for sure, so that starting
+    # from the wrong one shows.
+    latest_path = os.path.join(source.cfg.out, "ckpt.safetensors")
+    latest, latest_meta = load_checkpoint(latest_path)
+    checkpoint_module.save_checkpoint(
+        latest_path, {name: value * np.float32(0.5) for name, value in latest.items()},
+        latest_meta)
+    # Architecture flags are taken from the source, whatever this config says.
+    cfg = tiny(tmp_path, data_file, out="new", n_embd=32, n_head=4, max_iters=4,
+               eval_interval=2)
+    run = Run(cfg, log=lambda message: None, init_from=source.cfg.out)
+    assert run.iter == 0 and run.optimizer.step_count == 0
+    assert not np.any(run.optimizer.exp_avg) and not np.any(run.optimizer.exp_avg_sq)
+    assert_same_tensors(run.model.state_dict(), best_tensors)
+    assert (run.cfg.n_embd, run.cfg.n_head) == (16, 2)
+    assert run.tokenizer == source.tokenizer
+
+    trained = quiet_train(tiny(tmp_path, data_file, out="new", max_iters=4, eval_interval=2),
+                          init_from=source.cfg.out)
+    assert [r["iter"] for r in metrics(trained.cfg.out)] == [0, 2, 4]
+    meta = load_checkpoint(os.path.join(trained.cfg.out, "ckpt.safetensors"))[1]
+    assert meta["iter"] == 4 and meta["optimizer_step"] == 4
+    # It started from the source's weights: its first evaluation is the source's
+    # trained loss level, not an untrained model's ln(vocab).
+    first = metrics(trained.cfg.out)[0]
+    assert first["val_loss"] < math.log(len(VOCAB)) - 0.3
+    assert best_meta["val_loss"] < math.log(len(VOCAB)) - 0.3
+
+
+# --------------------------------------------------------------------------- processes
+
+CLI_FLAGS = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "8",
+             "--batch-size", "4", "--max-iters", "300", "--eval-interval", "50",
+             "--eval-iters", "5", "--save-interval", "5", "--no-progress",
+             "--sample-tokens", "0", "--threads", "1", "--dropout", "0.1"]
+
+
+def cli_env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = PACKAGE_PARENT + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def train_command(data, out):
+    return [sys.executable, "-m", "femtogpt.cli", "train", "--data", data, "--out", out] + CLI_FLAGS
+
+
+def run_to_completion(data, out):
+    proc = subprocess.run(train_command(data, out), env=cli_env(), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def start_and_wait_for_iteration(data, out, target):
+    """Start a CLI run; return once its saved training state has reached iteration target."""
+    proc = subprocess.Popen(train_command(data, out), env=cli_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    ckpt = os.path.join(out, "ckpt.safetensors")
+    while True:
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline
+        # Saves are atomic renames: whenever the file exists it is complete.
+        if os.path.exists(ckpt) and load_checkpoint(ckpt)[1]["iter"] >= target:
+            return proc
+        time.sleep(0.003)
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    """One uninterrupted CLI run."""
+    root = tmp_path_factory.mktemp("reference")
+    data = str(root / "data.txt")
+    with open(data, "w", encoding="utf-8") as f:
+        f.write(TEXT)
+    out = str(root / "run")
+    run_to_completion(data, out)
+    return data, out
+
+
+def test_sigkill_mid_run_then_same_command_equals_uninterrupted(tmp_path, reference_run):
+    data, reference = reference_run
+    rng = random.Random(20240601)
+    killed_at = []
+    for attempt in range(3):
+        out = str(tmp_path / f"killed{attempt}")
+        # A random saved iteration, then a random few ms: the kill can land anywhere
+        # (in a step, an evaluation, a checkpoint write).
+        proc = start_and_wait_for_iteration(data, out, rng.randrange(5, 250, 5))
+        time.sleep(rng.uniform(0.0, 0.03))
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=60)
+        assert proc.returncode == -signal.SIGKILL
+        saved = load_checkpoint(os.path.join(out, "ckpt.safetensors"))[1]["iter"]
+        resumed = run_to_completion(data, out)
+        if saved < 300:
+            killed_at.append(saved)
+            assert saved % 5 == 0
+            assert f"resuming from {out}/ckpt.safetensors at iteration {saved}" \
+                in resumed.stderr
+            assert_same_training_state(reference, out)
+        else:   # a very slow poll: it had already finished; the weights must stay
+            assert_same_tensors(load_checkpoint(os.path.join(reference, "ckpt.safetensors"))[0],
+                                load_checkpoint(os.path.join(out, "ckpt.safetensors"))[0])
+    assert len(killed_at) >= 2, killed_at
+
+
+def test_ctrl_c_saves_exits_130_and_same_command_finishes_identically(tmp_path, reference_run):
+    data, reference = reference_run
+    out = str(tmp_path / "interrupted")
+    proc = start_and_wait_for_iteration(data, out, 50)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    lines = [line for line in stderr.splitlines() if line.startswith("interrupted")]
+    assert len(lines) == 1, stderr
+    match = re.fullmatch(r"interrupted at iteration (\d+): saved (.+); run the same command "
+                         r"to continue", lines[0])
+    assert match, lines[0]
+    n = int(match.group(1))
+    assert match.group(2) == os.path.join(out, "ckpt.safetensors")
+    assert 50 <= n < 300
+    # The state was saved at exactly that iteration (not only at the last save_interval).
+    assert load_checkpoint(os.path.join(out, "ckpt.safetensors"))[1]["iter"] == n
+    assert not glob.glob(os.path.join(out, ".*tmp*"))
+    resumed = run_to_completion(data, out)
+    assert f"at iteration {n}" in resumed.stderr
+    assert_same_training_state(reference, out)
