@@ -635,3 +635,52 @@ def test_ctrl_c_saves_exits_130_and_same_command_finishes_identically(tmp_path, 
     resumed = run_to_completion(data, out)
     assert f"at iteration {n}" in resumed.stderr
     assert_same_training_state(reference, out)
+
+
+# --------------------------------------------------------------------------- reruns
+
+
+def test_rerunning_a_finished_run_changes_nothing(tmp_path, data_file):
+    cfg = tiny(tmp_path, data_file, max_iters=10)
+    quiet_train(cfg)
+    rows = metrics(cfg.out)
+    tensors, meta = load_checkpoint(os.path.join(cfg.out, "ckpt.safetensors"))
+    best_bytes = open(os.path.join(cfg.out, "best.safetensors"), "rb").read()
+    run = quiet_train(tiny(tmp_path, data_file, max_iters=10))
+    assert run.iter == 10
+    assert metrics(cfg.out) == rows                      # not re-evaluated with a new RNG
+    tensors2, meta2 = load_checkpoint(os.path.join(cfg.out, "ckpt.safetensors"))
+    assert_same_tensors(tensors, tensors2)
+    assert meta2["rng_eval"] == meta["rng_eval"]
+    assert open(os.path.join(cfg.out, "best.safetensors"), "rb").read() == best_bytes
+
+
+def test_extending_a_finished_run_keeps_every_metrics_row(tmp_path, data_file):
+    # A run that ended at 12 (not a multiple of eval_interval 5), extended to 17:
+    # the evaluation at 12 stays, then 15 and 17 follow.
+    quiet_train(tiny(tmp_path, data_file, max_iters=12))
+    quiet_train(tiny(tmp_path, data_file, max_iters=17), explicit={"max_iters"})
+    assert [r["iter"] for r in metrics(str(tmp_path / "run"))] == [0, 5, 10, 12, 15, 17]
+
+
+def test_init_from_refuses_a_conflicting_architecture_flag(tmp_path, data_file):
+    quiet_train(tiny(tmp_path, data_file, out="source", max_iters=5))
+    cfg = tiny(tmp_path, data_file, out="child", n_embd=32)
+    with pytest.raises(ConfigError, match="n_embd=16"):
+        quiet_train(cfg, init_from=str(tmp_path / "source"), explicit={"n_embd"})
+    # Without the explicit flag the source's architecture is taken.
+    run = quiet_train(tiny(tmp_path, data_file, out="child2", n_embd=32, max_iters=2),
+                      init_from=str(tmp_path / "source"))
+    assert run.model.config.n_embd == 16
+
+
+def test_a_killed_saves_temp_file_is_cleaned_up_and_the_checkpoint_loads(tmp_path, data_file):
+    cfg = tiny(tmp_path, data_file, max_iters=5)
+    quiet_train(cfg)
+    # What a SIGKILL in the middle of a save leaves behind: a partial temp file.
+    stale = os.path.join(cfg.out, ".ckpt.safetensors.tmp-99999")
+    with open(stale, "wb") as f:
+        f.write(b"\x00" * 100)
+    run = quiet_train(tiny(tmp_path, data_file, max_iters=8), explicit={"max_iters"})
+    assert run.iter == 8
+    assert not os.path.exists(stale)
