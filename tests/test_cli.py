@@ -46,7 +46,11 @@ def env():
 
 
 def run(*args, module="femtogpt.cli", **kwargs):
-    return subprocess.run([sys.executable, "-m", module, *args], env=env(),
+    # cwd: `python -m` puts the working directory first on sys.path; from the
+    # repository root that would be the source tree, which has no compiled core
+    # when the package is installed with pip. The imported package's parent
+    # directory always holds the same femtogpt this test process uses.
+    return subprocess.run([sys.executable, "-m", module, *args], env=env(), cwd=PACKAGE_PARENT,
                           capture_output=True, text=True, timeout=120, **kwargs)
 
 
@@ -242,7 +246,8 @@ def test_broken_pipe_is_not_an_error(trained):
     data, out = trained
     proc = subprocess.Popen([sys.executable, "-m", "femtogpt.cli", "sample", "--out", out,
                              "--max-new-tokens", "100000", "--seed", "1", "--threads", "1"],
-                            env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            env=env(), cwd=PACKAGE_PARENT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
     head = proc.stdout.read(10)                # `femtogpt sample | head -c 10`
     proc.stdout.close()
     stderr = proc.stderr.read().decode()

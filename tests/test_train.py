@@ -553,15 +553,17 @@ def train_command(data, out):
 
 
 def run_to_completion(data, out):
-    proc = subprocess.run(train_command(data, out), env=cli_env(), capture_output=True,
-                          text=True, timeout=120)
+    # cwd: see test_cli.run (the source tree must not shadow the installed package).
+    proc = subprocess.run(train_command(data, out), env=cli_env(), cwd=PACKAGE_PARENT,
+                          capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     return proc
 
 
 def start_and_wait_for_iteration(data, out, target):
     """Start a CLI run; return once its saved training state has reached iteration target."""
-    proc = subprocess.Popen(train_command(data, out), env=cli_env(), stdout=subprocess.PIPE,
+    proc = subprocess.Popen(train_command(data, out), env=cli_env(), cwd=PACKAGE_PARENT,
+                            stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     ckpt = os.path.join(out, "ckpt.safetensors")
