@@ -111,7 +111,7 @@ def build_parser():
         prog="femtogpt",
         description="Train a small GPT from scratch on your own text, on a CPU, and "
                     "sample from it.",
-        epilog="Start with `femtogpt train` (Tiny Shakespeare, about a minute), then "
+        epilog="Start with `femtogpt train` (Tiny Shakespeare, a couple of minutes), then "
                "`femtogpt sample`. `femtogpt COMMAND --help` lists each command's options.")
     parser.add_argument("--debug", action="store_true",
                         help="show the full traceback on errors")
