@@ -1087,16 +1087,19 @@ cdef inline void add_into(float* x, const float* y, Py_ssize_t n) noexcept nogil
 
 
 cdef float dot(const float* a, const float* b, int n) noexcept nogil:
-    # Eight running sums updated by eight look-alike statements: gcc packs them
-    # into one 8-wide vector (it will not vectorise a single running sum
-    # without -ffast-math, and an accumulator array got shuffled through memory).
+    # Sixteen running sums updated by look-alike statements: gcc packs them into
+    # two 8-wide vectors, two independent chains of fused multiply-adds, so the
+    # adds' latency is hidden. (gcc will not vectorise a single running sum
+    # without -ffast-math, and an accumulator array got shuffled through memory.)
     cdef float s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0
     cdef float s4 = 0.0, s5 = 0.0, s6 = 0.0, s7 = 0.0
+    cdef float t0 = 0.0, t1 = 0.0, t2 = 0.0, t3 = 0.0
+    cdef float t4 = 0.0, t5 = 0.0, t6 = 0.0, t7 = 0.0
     cdef float total
     cdef int block, i
     # A counted loop: gcc cannot count Cython's `while` (it becomes while(1)/break).
-    for block in range(n // 8):
-        i = block * 8
+    for block in range(n // 16):
+        i = block * 16
         s0 = s0 + a[i] * b[i]
         s1 = s1 + a[i + 1] * b[i + 1]
         s2 = s2 + a[i + 2] * b[i + 2]
@@ -1105,8 +1108,17 @@ cdef float dot(const float* a, const float* b, int n) noexcept nogil:
         s5 = s5 + a[i + 5] * b[i + 5]
         s6 = s6 + a[i + 6] * b[i + 6]
         s7 = s7 + a[i + 7] * b[i + 7]
-    total = ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
-    for i in range((n // 8) * 8, n):
+        t0 = t0 + a[i + 8] * b[i + 8]
+        t1 = t1 + a[i + 9] * b[i + 9]
+        t2 = t2 + a[i + 10] * b[i + 10]
+        t3 = t3 + a[i + 11] * b[i + 11]
+        t4 = t4 + a[i + 12] * b[i + 12]
+        t5 = t5 + a[i + 13] * b[i + 13]
+        t6 = t6 + a[i + 14] * b[i + 14]
+        t7 = t7 + a[i + 15] * b[i + 15]
+    total = (((s0 + t0) + (s1 + t1)) + ((s2 + t2) + (s3 + t3))) + \
+            (((s4 + t4) + (s5 + t5)) + ((s6 + t6) + (s7 + t7)))
+    for i in range((n // 16) * 16, n):
         total = total + a[i] * b[i]
     return total
 
