@@ -42,7 +42,7 @@ class GPTConfig:
                                                                      np.integer)):
                     raise ConfigError(f"dropout must be a number, got {value!r}")
                 # The core works in float32: 0.99999999 would become 1.0 there.
-                if not 0.0 <= np.float32(value) < 1.0:
+                if not (0.0 <= value and np.float32(value) < 1.0):
                     raise ConfigError(f"dropout must be in [0, 1), got {value}")
                 self.dropout = float(value)
                 continue
