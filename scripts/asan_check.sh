@@ -29,8 +29,10 @@ cd "$work"
 echo "asan_check: building femtogpt._core with -fsanitize=address in $work"
 FEMTOGPT_ASAN=1 python setup.py build_ext --inplace >build.log 2>&1 || {
     tail -30 build.log >&2; exit 1; }
-nm -D femtogpt/_core*.so | grep -q __asan_ || {
-    echo "asan_check: the built extension is not instrumented" >&2; exit 1; }
+# (not `| grep -q`: with pipefail, nm's SIGPIPE after an early match would fail it)
+if [ "$(nm -D femtogpt/_core*.so | grep -c __asan_)" -eq 0 ]; then
+    echo "asan_check: the built extension is not instrumented" >&2; exit 1
+fi
 
 export LD_PRELOAD="$libasan"
 # halt_on_error: the first report fails the run; abort_on_error makes that a
