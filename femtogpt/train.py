@@ -168,22 +168,18 @@ class Run:
     """One training run: data, model, optimizer, RNG streams and bookkeeping."""
 
     def __init__(self, cfg, log=print, init_from=None, explicit=()):
+        # Everything that can be wrong (options, data, checkpoints) is checked
+        # before anything is written: a refused run leaves the disk as it was.
         self.cfg = cfg.validate()
         self.log = log
-        try:
-            os.makedirs(cfg.out, exist_ok=True)
-        except OSError as err:
-            raise ConfigError(f"cannot use --out {cfg.out}: {err.strerror or err}") from None
-        if not os.access(cfg.out, os.W_OK):
-            raise ConfigError(f"--out directory {cfg.out} is not writable")
-        _remove_stale_temp_files(cfg.out)
+        _check_out_dir(cfg.out)
         self.latest_path = os.path.join(cfg.out, LATEST_NAME)
         self.best_path = os.path.join(cfg.out, BEST_NAME)
         self.metrics_path = os.path.join(cfg.out, "metrics.jsonl")
         if cfg.threads:
             _core.set_num_threads(cfg.threads)
 
-        resume = os.path.exists(self.latest_path) and init_from is None
+        resume = os.path.isfile(self.latest_path) and init_from is None
         if resume:
             self._resume(explicit)    # the run's own settings, --data included
         # Saved absolute, so that a resume from another directory finds the text.
@@ -207,8 +203,6 @@ class Run:
             # Separate streams, so that evaluating does not change the training batches.
             self.rng_train = np.random.default_rng([cfg.seed, 0])
             self.rng_eval = np.random.default_rng([cfg.seed, 1])
-            if os.path.exists(self.metrics_path):
-                os.remove(self.metrics_path)    # a fresh run in a reused directory
         self.model.train()
 
         ids = encode_dataset(text, self.tokenizer)
@@ -222,6 +216,24 @@ class Run:
         self.data_info = {"path": os.path.abspath(cfg.data), "chars": len(text),
                           "tokens": int(len(ids))}
         self.metrics = []
+        self._prepare_out_dir(resume)
+
+    def _prepare_out_dir(self, resume):
+        out = self.cfg.out
+        try:
+            os.makedirs(out, exist_ok=True)
+        except OSError as err:
+            raise ConfigError(f"cannot use --out {out}: {err.strerror or err}") from None
+        _remove_stale_temp_files(out)
+        if resume:
+            # Evaluations the saved state has not seen will be redone: drop their rows.
+            rows = [r for r in _all_metrics(self.metrics_path)
+                    if r.get("iter", -1) <= self.last_eval_iter]
+            with open(self.metrics_path + ".tmp", "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows)
+            os.replace(self.metrics_path + ".tmp", self.metrics_path)
+        elif os.path.exists(self.metrics_path):
+            os.remove(self.metrics_path)    # a fresh run in a reused directory
 
     def _init_from(self, source, explicit):
         file = checkpoint_path(source, BEST_NAME)
@@ -283,12 +295,6 @@ class Run:
         except (KeyError, TypeError, ValueError) as err:
             raise CheckpointError(f"{self.latest_path}: training state is incomplete "
                                   f"({err})") from None
-        # Evaluations the saved state has not seen will be redone: drop their rows.
-        rows = [r for r in _all_metrics(self.metrics_path)
-                if r.get("iter", -1) <= self.last_eval_iter]
-        with open(self.metrics_path + ".tmp", "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-        os.replace(self.metrics_path + ".tmp", self.metrics_path)
         self.log(f"resuming from {self.latest_path} at iteration {self.iter}")
 
     # -- one step -----------------------------------------------------------------
@@ -363,6 +369,23 @@ class Run:
             f.write(json.dumps(entry) + "\n")
         self.metrics.append(entry)
         return entry
+
+
+def _check_out_dir(out):
+    """--out must be a writable directory, or creatable: checked without creating it."""
+    if os.path.exists(out):
+        if not os.path.isdir(out):
+            raise ConfigError(f"cannot use --out {out}: it exists and is not a directory")
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise ConfigError(f"--out directory {out} is not writable")
+        return
+    parent = os.path.dirname(os.path.abspath(out))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ConfigError(f"cannot use --out {out}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot create --out {out}: {parent} is not writable")
 
 
 def _remove_stale_temp_files(out):

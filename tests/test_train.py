@@ -686,3 +686,59 @@ def test_a_killed_saves_temp_file_is_cleaned_up_and_the_checkpoint_loads(tmp_pat
     run = quiet_train(tiny(tmp_path, data_file, max_iters=8), explicit={"max_iters"})
     assert run.iter == 8
     assert not os.path.exists(stale)
+
+
+# --------------------------------------------------------------------------- refusals
+
+
+def _snapshot(directory):
+    """{relative path: bytes} of every file under directory (None if it does not exist)."""
+    if not os.path.exists(directory):
+        return None
+    files = {}
+    for root, _, names in os.walk(directory):
+        for name in names:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                files[os.path.relpath(path, directory)] = f.read()
+    return files
+
+
+def test_a_refused_run_creates_no_directory(tmp_path):
+    out = tmp_path / "new-run"
+    with pytest.raises(femtogpt.DataError):
+        quiet_train(tiny(tmp_path, str(tmp_path / "missing.txt"), out="new-run"))
+    assert not out.exists()
+
+
+def test_a_refused_fresh_run_keeps_an_old_directorys_files(tmp_path, data_file):
+    # A directory with an earlier run's metrics and best model but no training
+    # state; the new run's data is too short for its block size.
+    cfg = tiny(tmp_path, data_file, max_iters=5)
+    quiet_train(cfg)
+    os.remove(os.path.join(cfg.out, "ckpt.safetensors"))
+    before = _snapshot(cfg.out)
+    short = tmp_path / "short.txt"
+    short.write_text("abcdefghij" * 3)
+    with pytest.raises(femtogpt.DataError, match="split"):
+        quiet_train(tiny(tmp_path, str(short), block_size=8))
+    assert _snapshot(cfg.out) == before
+
+
+def test_a_refused_resume_changes_nothing(tmp_path, data_file):
+    cfg = tiny(tmp_path, data_file, max_iters=7)     # ends off the eval grid
+    quiet_train(cfg)
+    before = _snapshot(cfg.out)
+    with pytest.raises(ConfigError, match="n_layer"):
+        quiet_train(tiny(tmp_path, data_file, n_layer=2, max_iters=9),
+                    explicit={"n_layer", "max_iters"})
+    assert _snapshot(cfg.out) == before
+
+
+def test_out_that_is_a_file_or_unwritable_is_refused_before_anything_is_written(
+        tmp_path, data_file):
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("x")
+    with pytest.raises(ConfigError, match="not a directory"):
+        quiet_train(tiny(tmp_path, data_file, out="file/sub"))
+    assert not_a_dir.read_text() == "x"
