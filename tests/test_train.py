@@ -742,3 +742,57 @@ def test_out_that_is_a_file_or_unwritable_is_refused_before_anything_is_written(
     with pytest.raises(ConfigError, match="not a directory"):
         quiet_train(tiny(tmp_path, data_file, out="file/sub"))
     assert not_a_dir.read_text() == "x"
+
+
+# --------------------------------------------------------------------------- chaos
+
+CHAOS_ITERS = "6000"   # about 250 iterations run between two kills
+
+
+@pytest.fixture(scope="module")
+def long_reference_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("long-reference")
+    data = str(root / "data.txt")
+    with open(data, "w", encoding="utf-8") as f:
+        f.write(TEXT)
+    out = str(root / "run")
+    proc = subprocess.run(train_command(data, out) + ["--max-iters", CHAOS_ITERS],
+                          env=cli_env(), cwd=PACKAGE_PARENT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return data, out
+
+
+def test_sigkill_at_22_random_moments_never_loses_the_run(tmp_path, long_reference_run):
+    # One run, killed 22 times at random moments: during start-up, steps,
+    # evaluations and (saving after every step) mostly in the middle of a
+    # checkpoint write. After every kill the training state must load, and the
+    # run, continued each time by the same command, must end exactly like the
+    # uninterrupted one.
+    data, reference = long_reference_run
+    out = str(tmp_path / "chaos")
+    command = train_command(data, out) + ["--max-iters", CHAOS_ITERS, "--save-interval", "1"]
+    ckpt = os.path.join(out, "ckpt.safetensors")
+    rng = random.Random(5)
+    progress = []
+    for _ in range(22):
+        proc = subprocess.Popen(command, env=cli_env(), cwd=PACKAGE_PARENT,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        time.sleep(rng.uniform(0.1, 1.5))
+        proc.send_signal(signal.SIGKILL)
+        _, stderr = proc.communicate(timeout=60)
+        assert proc.returncode in (-signal.SIGKILL, 0), stderr
+        if os.path.exists(ckpt):
+            progress.append(load_checkpoint(ckpt)[1]["iter"])   # never a broken file
+    assert progress == sorted(progress), progress
+    assert sum(p < int(CHAOS_ITERS) for p in progress) >= 15, progress   # mid-run kills
+    run_to_completion_with(command)
+    assert_same_training_state(reference, out)
+    assert not glob.glob(os.path.join(out, ".*.tmp-*"))       # no temp file left behind
+
+
+def run_to_completion_with(command):
+    proc = subprocess.run(command, env=cli_env(), cwd=PACKAGE_PARENT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return proc
