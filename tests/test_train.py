@@ -796,3 +796,27 @@ def run_to_completion_with(command):
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     return proc
+
+
+def test_disk_full_mid_training_reports_and_keeps_the_last_checkpoint(tmp_path, data_file,
+                                                                      monkeypatch):
+    cfg = tiny(tmp_path, data_file, max_iters=20, save_interval=5)
+    real_write = checkpoint_module._write_durably
+    writes = []
+
+    def write_then_fill_the_disk(path, payload):
+        writes.append(path)
+        if len(writes) >= 3:                       # the third save finds the disk full
+            with open(path, "wb") as f:
+                f.write(payload[:100])            # a partial temp file, as a full disk leaves
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write(path, payload)
+
+    monkeypatch.setattr(checkpoint_module, "_write_durably", write_then_fill_the_disk)
+    with pytest.raises(CheckpointError, match="No space left on device") as info:
+        quiet_train(cfg)
+    assert "ckpt.safetensors" in str(info.value) or "best.safetensors" in str(info.value)
+    # Whatever was saved before the failure is intact and loads.
+    tensors, meta = load_checkpoint(os.path.join(cfg.out, "ckpt.safetensors"))
+    assert meta["iter"] in (5, 10)
+    assert not glob.glob(os.path.join(cfg.out, ".*.tmp-*"))
