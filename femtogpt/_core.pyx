@@ -135,6 +135,47 @@ cdef inline void gemm(bint trans_a, bint trans_b, int M, int N, int K,
           &beta, C, &ldc)
 
 
+cdef inline void gemm_slice(int part, int n_parts, bint trans_a, bint trans_b,
+                            int M, int N, int K, float alpha, const float* A, int lda,
+                            const float* B, int ldb, float beta, float* C,
+                            int ldc) noexcept nogil:
+    """Slice `part` of `n_parts` of gemm(): rows of C (or columns, if N > M).
+
+    Slice edges fall on multiples of 16, so each slice starts cache-line aligned.
+    """
+    cdef bint split_rows = M >= N
+    cdef int extent = M if split_rows else N
+    cdef int chunk, start, count
+    if n_parts <= 1:
+        gemm(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc)
+        return
+    chunk = (extent + n_parts - 1) // n_parts
+    chunk = ((chunk + 15) // 16) * 16
+    start = part * chunk
+    count = extent - start
+    if count > chunk:
+        count = chunk
+    if count <= 0:
+        return
+    if split_rows:
+        # Rows start..start+count of op(A): A's rows, or A's columns if transposed.
+        gemm(trans_a, trans_b, count, N, K, alpha,
+             A + (<Py_ssize_t>start if trans_a else <Py_ssize_t>start * lda), lda,
+             B, ldb, beta, C + <Py_ssize_t>start * ldc, ldc)
+    else:
+        gemm(trans_a, trans_b, M, count, K, alpha, A, lda,
+             B + (<Py_ssize_t>start * ldb if trans_b else <Py_ssize_t>start), ldb,
+             beta, C + start, ldc)
+
+
+cdef inline int gemm_parts(int M, int N, int n_threads) noexcept nogil:
+    # Slices narrower than 32 cost more in BLAS overhead than they gain.
+    cdef int extent = M if M >= N else N
+    if n_threads > extent // 32:
+        n_threads = extent // 32
+    return n_threads if n_threads > 1 else 1
+
+
 cdef void gemm_parallel(bint trans_a, bint trans_b, int M, int N, int K,
                         float alpha, const float* A, int lda,
                         const float* B, int ldb,
@@ -145,35 +186,14 @@ cdef void gemm_parallel(bint trans_a, bint trans_b, int M, int N, int K,
     only thread pool: each thread multiplies its own slice of rows (or columns)
     of C, and no slice is written by two threads.
     """
-    cdef int nthreads = openmp.omp_get_max_threads()
-    cdef int chunk, part, start, count
-    cdef bint split_rows = M >= N
-    cdef int extent = M if split_rows else N
-    # Slices narrower than 32 cost more in BLAS overhead than they gain.
-    if nthreads > extent // 32:
-        nthreads = extent // 32
-    if nthreads <= 1:
+    cdef int n_parts = gemm_parts(M, N, openmp.omp_get_max_threads())
+    cdef int part
+    if n_parts <= 1:
         gemm(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc)
         return
-    # Slice edges on multiples of 16 keep each slice's start cache-line aligned.
-    chunk = (extent + nthreads - 1) // nthreads
-    chunk = ((chunk + 15) // 16) * 16
-    for part in prange(nthreads, schedule="static", num_threads=nthreads):
-        start = part * chunk
-        count = extent - start
-        if count > chunk:
-            count = chunk
-        if count <= 0:
-            continue
-        if split_rows:
-            # Rows start..start+count of op(A): A's rows, or A's columns if transposed.
-            gemm(trans_a, trans_b, count, N, K, alpha,
-                 A + (<Py_ssize_t>start if trans_a else <Py_ssize_t>start * lda), lda,
-                 B, ldb, beta, C + <Py_ssize_t>start * ldc, ldc)
-        else:
-            gemm(trans_a, trans_b, M, count, K, alpha, A, lda,
-                 B + (<Py_ssize_t>start * ldb if trans_b else <Py_ssize_t>start), ldb,
-                 beta, C + start, ldc)
+    for part in prange(n_parts, schedule="static", num_threads=n_parts):
+        gemm_slice(part, n_parts, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb,
+                   beta, C, ldc)
 
 
 # ---------------------------------------------------------------------------
@@ -391,11 +411,25 @@ cdef void matmul_backward(float* dinp, float* dweight, float* dbias,
     # dinp (N,C_in) = dout (N,C_out) @ weight (C_out,C_in)      (written)
     # dweight (C_out,C_in) += dout^T @ inp;  dbias (C_out) += column sums of dout
     # dinp may be NULL when the input needs no gradient; dbias NULL when no bias.
-    if dinp != NULL:
-        gemm_parallel(False, False, <int>N, C_in, C_out, 1.0, dout, C_out, weight, C_in,
-                      0.0, dinp, C_in)
-    gemm_parallel(True, False, C_out, C_in, <int>N, 1.0, dout, C_out, inp, C_in,
-                  1.0, dweight, C_in)
+    # The two products are independent and equally large: half the threads take
+    # each, so each shared operand is packed by BLAS once per half, not once per
+    # thread (at 2 threads: one whole product per thread).
+    cdef int n_threads = openmp.omp_get_max_threads()
+    cdef int half = n_threads // 2, item
+    if dinp != NULL and half >= 1:
+        for item in prange(2 * half, schedule="static", num_threads=2 * half):
+            if item < half:
+                gemm_slice(item, half, False, False, <int>N, C_in, C_out, 1.0, dout, C_out,
+                           weight, C_in, 0.0, dinp, C_in)
+            else:
+                gemm_slice(item - half, half, True, False, C_out, C_in, <int>N, 1.0, dout,
+                           C_out, inp, C_in, 1.0, dweight, C_in)
+    else:
+        if dinp != NULL:
+            gemm_parallel(False, False, <int>N, C_in, C_out, 1.0, dout, C_out, weight, C_in,
+                          0.0, dinp, C_in)
+        gemm_parallel(True, False, C_out, C_in, <int>N, 1.0, dout, C_out, inp, C_in,
+                      1.0, dweight, C_in)
     if dbias != NULL:
         bias_backward(dbias, dout, N, C_out)
 
