@@ -16,7 +16,10 @@ from .errors import FemtoGPTError
 TRAIN_HELP = {
     "data": "training text file (UTF-8); default: Tiny Shakespeare, bundled",
     "out": "run directory: checkpoints, metrics.jsonl, loss.png",
-    "tokenizer": "how text becomes tokens: char (distinct characters) or byte (UTF-8 bytes)",
+    "tokenizer": "how text becomes tokens: char (the text's distinct characters), byte "
+                 "(UTF-8 bytes, any text) or bpe (byte-level BPE learned from the training "
+                 "text: shorter sequences, so more text per context window)",
+    "vocab_size": "vocabulary size that --tokenizer bpe learns up to (at least 256)",
     "n_layer": "transformer blocks",
     "n_head": "attention heads per block",
     "n_embd": "embedding width (must be divisible by --n-head)",
@@ -47,7 +50,8 @@ def _flag(name):
 def _preset_defaults(name):
     from .train import PRESETS, TrainConfig
     values = [getattr(PRESETS[p], name) for p in ("baby", "small", "femto")]
-    if name in ("data", "out", "tokenizer", "threads", "seed", "sample_tokens") or \
+    if name in ("data", "out", "tokenizer", "vocab_size", "threads", "seed",
+                "sample_tokens") or \
             len(set(values)) == 1:
         value = getattr(TrainConfig(), name)
         if name == "data":
@@ -67,7 +71,7 @@ def add_train_arguments(parser):
                                                          "str": str}[f.type]
         extra = {}
         if f.name == "tokenizer":
-            extra["choices"] = ["char", "byte"]
+            extra["choices"] = ["char", "byte", "bpe"]
         metavar = {int: "N", float: "X", str: "PATH"}[kind]
         if f.name in ("data",):
             metavar = "FILE"

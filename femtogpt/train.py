@@ -35,6 +35,7 @@ class TrainConfig:
     data: str = BUNDLED_DATA
     out: str = "out"
     tokenizer: str = "char"
+    vocab_size: int = 512     # bpe only: the vocabulary to train up to
     # model
     n_layer: int = 4
     n_head: int = 4
@@ -67,6 +68,11 @@ class TrainConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, "
                                   f"got {value!r}")
+        if self.tokenizer not in ("char", "byte", "bpe"):
+            raise ConfigError(f"--tokenizer must be char, byte or bpe, got {self.tokenizer!r}")
+        if not isinstance(self.vocab_size, int) or not 256 <= self.vocab_size <= 65536:
+            raise ConfigError(f"--vocab-size must be an integer in [256, 65536] (bpe starts "
+                              f"from the 256 byte values), got {self.vocab_size!r}")
         for name in ("warmup_iters", "threads", "sample_tokens", "seed"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, "
@@ -189,7 +195,7 @@ class Run:
             if init_from is not None:
                 model, tokenizer = self._init_from(init_from, explicit)
             else:
-                tokenizer = build_tokenizer(cfg.tokenizer, text)
+                tokenizer = _fit_tokenizer(cfg, text)
                 model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size,
                                       block_size=cfg.block_size, n_layer=cfg.n_layer,
                                       n_head=cfg.n_head, n_embd=cfg.n_embd,
@@ -272,6 +278,10 @@ class Run:
         if "tokenizer" in explicit and self.cfg.tokenizer != tokenizer.to_dict()["type"]:
             raise ConfigError(f"{self.latest_path} was trained with the "
                               f"{tokenizer.to_dict()['type']} tokenizer, not {self.cfg.tokenizer}")
+        if ("vocab_size" in explicit and tokenizer.to_dict()["type"] == "bpe"
+                and self.cfg.vocab_size != saved.get("vocab_size")):
+            raise ConfigError(f"{self.latest_path} has a BPE vocabulary trained up to "
+                              f"{saved.get('vocab_size')} tokens, not {self.cfg.vocab_size}")
         # Hyperparameters not given on this command line continue as they were.
         for f in fields(TrainConfig):
             if f.name not in explicit and f.name in saved and f.name not in ("out", "threads"):
@@ -369,6 +379,16 @@ class Run:
             f.write(json.dumps(entry) + "\n")
         self.metrics.append(entry)
         return entry
+
+
+def _fit_tokenizer(cfg, text):
+    """The run's tokenizer. BPE learns its merges from the training split only
+    (the first 90% of the text, as the token split), so that the validation text
+    has no say in the vocabulary; the character vocabulary comes from the whole
+    text, as nanoGPT's, so that no validation character is unknown."""
+    if cfg.tokenizer == "bpe":
+        return build_tokenizer("bpe", text[:len(text) - len(text) // 10], cfg.vocab_size)
+    return build_tokenizer(cfg.tokenizer, text)
 
 
 def _check_out_dir(out):

@@ -89,7 +89,7 @@ class _Sink:
 # --------------------------------------------------------------------------- help
 
 
-TRAIN_OPTIONS = ["--data", "--out", "--preset", "--tokenizer", "--n-layer", "--n-head",
+TRAIN_OPTIONS = ["--data", "--out", "--preset", "--tokenizer", "--vocab-size", "--n-layer", "--n-head",
                  "--n-embd", "--block-size", "--dropout", "--batch-size", "--max-iters",
                  "--learning-rate", "--min-lr", "--warmup-iters", "--beta1", "--beta2",
                  "--weight-decay", "--grad-clip", "--eval-interval", "--eval-iters",
@@ -333,7 +333,8 @@ def test_user_errors_exit_2_with_one_line(argv, message, files, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["train", "--preset", "nope"], "argument --preset: invalid choice: 'nope'"),
     (["train", "--n-layer", "two"], "argument --n-layer: invalid int value: 'two'"),
-    (["train", "--tokenizer", "bpe"], "argument --tokenizer: invalid choice: 'bpe'"),
+    (["train", "--tokenizer", "sentencepiece"],
+     "argument --tokenizer: invalid choice: 'sentencepiece'"),
     (["sample", "--top-p", "x"], "argument --top-p: invalid float value: 'x'"),
     (["fly"], "argument COMMAND: invalid choice: 'fly'"),
 ])

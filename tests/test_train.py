@@ -831,3 +831,44 @@ def test_disk_full_mid_training_reports_and_keeps_the_last_checkpoint(tmp_path, 
     tensors, meta = load_checkpoint(os.path.join(cfg.out, "ckpt.safetensors"))
     assert meta["iter"] in (5, 10)
     assert not glob.glob(os.path.join(cfg.out, ".*.tmp-*"))
+
+
+# --------------------------------------------------------------------------- tokenizers
+
+
+@pytest.mark.parametrize("kind", ["char", "byte", "bpe"])
+def test_a_short_run_with_each_tokenizer(tmp_path, kind):
+    text = ("Ünïcödé façade — naïve café, 😀 again and again; the quick brown fox. " * 60
+            + "\n") * 3
+    data = tmp_path / "data.txt"
+    data.write_text(text, encoding="utf-8")
+    cfg = tiny(tmp_path, str(data), tokenizer=kind, vocab_size=300, max_iters=40,
+               eval_interval=20)
+    run = quiet_train(cfg)
+    rows = metrics(cfg.out)
+    assert rows[-1]["val_loss"] < 0.8 * rows[0]["val_loss"]       # it learns
+    # bits per character = nats per token * tokens / characters / ln 2, over the
+    # val split, recomputed here from the text and the saved tokenizer.
+    model, tokenizer = femtogpt.load(cfg.out)
+    assert tokenizer == run.tokenizer and tokenizer.to_dict()["type"] == kind
+    ids = tokenizer.encode_array(text)
+    val_ids = ids[int(len(ids) * 0.9):]
+    val_chars = len(tokenizer.decode(val_ids.tolist()))
+    for row in rows:
+        expected = row["val_loss"] * len(val_ids) / val_chars / math.log(2)
+        assert row["val_bpc"] == pytest.approx(expected, rel=1e-12)
+    if kind == "char":
+        assert rows[-1]["val_bpc"] == pytest.approx(rows[-1]["val_loss"] / math.log(2))
+    if kind == "bpe":
+        assert len(ids) < 0.8 * len(text.encode("utf-8"))     # it did merge
+        assert 256 < tokenizer.vocab_size <= 300
+        # merges come from the training split only
+        assert tokenizer == femtogpt.tokenizer.build_tokenizer(
+            "bpe", text[:len(text) - len(text) // 10], 300)
+
+
+def test_resume_refuses_another_bpe_vocab_size(tmp_path, data_file):
+    quiet_train(tiny(tmp_path, data_file, tokenizer="bpe", vocab_size=280, max_iters=5))
+    with pytest.raises(ConfigError, match="280"):
+        quiet_train(tiny(tmp_path, data_file, tokenizer="bpe", vocab_size=300, max_iters=9),
+                    explicit={"vocab_size", "max_iters"})
