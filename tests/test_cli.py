@@ -6,12 +6,14 @@ traceback, unless --debug asks for one. Most cases run in-process through
 femtogpt.cli.main; exit statuses, signals and pipes are checked in real
 subprocesses.
 """
+import json
 import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+import safetensors.numpy
 
 import femtogpt
 from femtogpt.checkpoint import load_checkpoint
@@ -279,9 +281,29 @@ def files(tmp_path, trained):
     prompt.write_text("the", encoding="utf-8")
     nothing = tmp_path / "nothing"
     nothing.mkdir()
+    binary = tmp_path / "program.bin"
+    binary.write_bytes(b"\x7fELF\x02\x01\x01\x00" + bytes(range(256)))
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("caf\u00e9 cr\u00e8me br\u00fbl\u00e9e\n".encode("latin-1") * 20)
+    # More distinct characters than the char tokenizer allows (65,536).
+    many = tmp_path / "many.txt"
+    many.write_text("".join(chr(c) for c in range(0x20, 0x20 + 70000)
+                            if not 0xD800 <= c < 0xE000), encoding="utf-8")
+    # A run whose training state was cut short on disk (a truncated file).
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    whole = open(os.path.join(out, "ckpt.safetensors"), "rb").read()
+    (broken / "ckpt.safetensors").write_bytes(whole[:len(whole) // 2])
+    # A checkpoint written by a future femtogpt (format version 7).
+    tensors, meta = load_checkpoint(os.path.join(out, "best.safetensors"))
+    future = tmp_path / "future.safetensors"
+    future.write_bytes(safetensors.numpy.save(
+        tensors, metadata={"femtogpt": json.dumps(meta), "format_version": "7"}))
     return dict(data=data, out=out, empty=str(empty), short=str(short), prompt=str(prompt),
                 nothing=str(nothing), new=str(tmp_path / "new"),
-                missing=str(tmp_path / "missing.txt"))
+                missing=str(tmp_path / "missing.txt"), binary=str(binary),
+                latin1=str(latin1), many=str(many), broken=str(broken),
+                future=str(future), root=str(tmp_path))
 
 
 ERROR_CASES = [
@@ -314,20 +336,53 @@ ERROR_CASES = [
     (["sample", "--out", "{out}", "--prompt", "THE"],
      "prompt has characters the tokenizer does not know: 'T', 'H', 'E'"),
     (["sample", "--out", "{out}", "--prompt", ""], "the prompt is empty"),
-    (["sample", "--out", "{out}", "--prompt-file", "{missing}"], "{missing}"),
+    (["sample", "--out", "{out}", "--prompt-file", "{missing}"], "prompt file not found"),
+    (["train", "--data", "{binary}", "--out", "{new}"], "data file looks binary"),
+    (["train", "--data", "{latin1}", "--out", "{new}"],
+     "data file is not UTF-8 text: invalid byte 0xe9 at byte offset 3: {latin1}"),
+    (["train", "--data", "{nothing}", "--out", "{new}"], "data file is a directory"),
+    (["train", "--data", "{many}", "--out", "{new}"], "distinct characters, more than"),
+    (["train", "--data", "{data}", "--out", "{broken}"], "{broken}/ckpt.safetensors"),
+    (["sample", "--out", "{broken}"], "{broken}/ckpt.safetensors"),
+    (["sample", "--checkpoint", "{future}"], "format version 7 is not supported"),
+    (["train", "--data", "{data}", "--out", "{new}", "--block-size", "100000"],
+     "needs at least block_size + 1 = 100001"),
+    (["train", "--data", "{data}", "--out", "{new}", "--n-layer", "0"],
+     "--n-layer must be a positive integer, got 0"),
+    (["train", "--data", "{data}", "--out", "{new}", "--learning-rate", "5"],
+     "--learning-rate must be in [0, 1], got 5.0"),
+    (["train", "--data", "{data}", "--out", "{new}", "--dropout", "-0.1"],
+     "--dropout must be in [0, 1), got -0.1"),
+    (["train", "--data", "{data}", "--out", "{new}", "--tokenizer", "bpe", "--vocab-size",
+      "100"], "--vocab-size must be an integer in [256, 65536]"),
 ]
+
+
+def _snapshot(*roots):
+    """{path: bytes} of every file under the given directories."""
+    files = {}
+    for root in roots:
+        for directory, _, names in os.walk(root):
+            for name in names:
+                path = os.path.join(directory, name)
+                with open(path, "rb") as f:
+                    files[path] = f.read()
+    return files
 
 
 @pytest.mark.parametrize("argv, message", ERROR_CASES, ids=[" ".join(c[0][:3]) + " " + c[1][:30]
                                                            for c in ERROR_CASES])
 def test_user_errors_exit_2_with_one_line(argv, message, files, capsys):
     argv = [a.format(**files) for a in argv]
+    before = _snapshot(files["root"], files["out"])
     assert main(argv) == 2
     captured = capsys.readouterr()
     line = one_error_line(captured)
     assert message.format(**files) in line
     assert captured.out == ""
-    assert not os.path.exists(files["new"] + "/ckpt.safetensors")
+    # Nothing new, nothing changed, nothing removed: not even an empty --out.
+    assert _snapshot(files["root"], files["out"]) == before
+    assert not os.path.exists(files["new"])
 
 
 @pytest.mark.parametrize("argv, message", [
