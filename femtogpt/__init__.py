@@ -11,11 +11,11 @@ from ._core import get_num_threads, set_num_threads
 from .errors import CheckpointError, ConfigError, DataError, FemtoGPTError, TokenizerError
 from .checkpoint import load
 from .model import GPT, GPTConfig
-from .tokenizer import ByteTokenizer, CharTokenizer
+from .tokenizer import BPETokenizer, ByteTokenizer, CharTokenizer
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "GPT", "GPTConfig", "load", "CharTokenizer", "ByteTokenizer", "get_num_threads", "set_num_threads", "FemtoGPTError",
+    "GPT", "GPTConfig", "load", "CharTokenizer", "ByteTokenizer", "BPETokenizer", "get_num_threads", "set_num_threads", "FemtoGPTError",
     "ConfigError", "DataError", "TokenizerError", "CheckpointError", "__version__",
 ]

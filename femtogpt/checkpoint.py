@@ -410,11 +410,6 @@ def model_from_checkpoint(path, tensors: dict, meta: dict):
     return model, tokenizer
 
 
-def model_tensors(model) -> dict:
-    """The tensors a model checkpoint stores: state_dict() under nanoGPT names."""
-    return model.state_dict()
-
-
 def model_meta(model, tokenizer) -> dict:
     return {"model_config": model.config.to_dict(), "tokenizer": tokenizer.to_dict()}
 

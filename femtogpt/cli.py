@@ -39,7 +39,7 @@ TRAIN_HELP = {
     "save_interval": "save the training state every this many steps",
     "seed": "random seed for the weights, batches and dropout",
     "threads": "OpenMP threads (0: OMP_NUM_THREADS, else all cores)",
-    "sample_tokens": "characters/tokens of sample printed after training (0: none)",
+    "sample_tokens": "tokens of sample printed after training (0: none)",
 }
 
 
@@ -92,8 +92,13 @@ def add_train_arguments(parser):
 
 def train_command(args):
     from .train import PRESETS, train
+    from .train import ARCHITECTURE
     base = PRESETS[args.preset or "baby"]
     explicit = {f.name for f in fields(base) if getattr(args, f.name) is not None}
+    if args.preset:
+        # A named preset asks for its architecture: resuming a run of another
+        # shape must be refused, not silently continued.
+        explicit |= set(ARCHITECTURE)
     cfg = replace(base, **{name: getattr(args, name) for name in explicit})
     run = train(cfg, init_from=args.init_from, explicit=explicit,
                 progress=None if not args.no_progress else False)

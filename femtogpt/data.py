@@ -80,8 +80,11 @@ def encode_dataset(text: str, tokenizer) -> np.ndarray:
     return tokenizer.encode_array(text, what="training text")
 
 
-def split_train_val(ids: np.ndarray, val_fraction: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
-    """First (1 - val_fraction) of the ids for training, the rest for validation.
+def split_train_val(ids, val_fraction: float = 0.1):
+    """First (1 - val_fraction) of the ids (or of a text) for training, the rest for validation.
+
+    Training splits the text itself, as nanoGPT does, and encodes each part, so
+    that a learned tokenizer (BPE) never sees the validation text.
 
     A contiguous tail rather than random windows, as nanoGPT does: random
     validation windows would overlap training windows and flatter the model.

@@ -37,12 +37,10 @@ def add_sample_arguments(parser):
     parser.add_argument("--seed", type=int, default=None,
                         help="random seed; the same seed gives the same text (default: random)")
     parser.add_argument("--threads", type=int, default=0, metavar="N",
-                        help="OpenMP threads for the prompt (default: 0, all cores)")
+                        help="OpenMP threads (default: 0: OMP_NUM_THREADS, else all cores)")
 
 
 def _check_sample_args(args):
-    if args.checkpoint is None and args.out is None:
-        raise ConfigError("give --out DIR or --checkpoint FILE")
     if args.max_new_tokens < 0:
         raise ConfigError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     if args.num_samples < 1:

@@ -6,7 +6,7 @@ short prompt (``encode``) and decodes generated ids (``decode`` /
 rebuilds exactly the tokenizer the model was trained with
 (``tokenizer_from_dict``).
 
-Two kinds exist today:
+Three kinds exist:
 
 * ``char``: one id per distinct character of the training text (nanoGPT's
   Shakespeare recipe). Tiny vocabulary, but it cannot represent a character it

@@ -80,7 +80,8 @@ class TrainConfig:
         if self.n_embd % self.n_head:
             raise ConfigError(f"--n-embd ({self.n_embd}) must be divisible by "
                               f"--n-head ({self.n_head})")
-        if not 0.0 <= self.dropout < 1.0:
+        # (checked in float32 too: the core would see 0.99999999 as 1.0)
+        if not (0.0 <= self.dropout and np.float32(self.dropout) < 1.0):
             raise ConfigError(f"--dropout must be in [0, 1), got {self.dropout}")
         for name in ("learning_rate", "min_lr"):
             value = getattr(self, name)
@@ -191,11 +192,12 @@ class Run:
         # Saved absolute, so that a resume from another directory finds the text.
         self.cfg.data = os.path.abspath(self.cfg.data)
         text = read_text(self.cfg.data)
+        train_text, val_text = split_train_val(text)
         if not resume:
             if init_from is not None:
                 model, tokenizer = self._init_from(init_from, explicit)
             else:
-                tokenizer = _fit_tokenizer(cfg, text)
+                tokenizer = _fit_tokenizer(cfg, text, train_text)
                 model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size,
                                       block_size=cfg.block_size, n_layer=cfg.n_layer,
                                       n_head=cfg.n_head, n_embd=cfg.n_embd,
@@ -211,16 +213,20 @@ class Run:
             self.rng_eval = np.random.default_rng([cfg.seed, 1])
         self.model.train()
 
-        ids = encode_dataset(text, self.tokenizer)
-        self.train_ids, self.val_ids = split_train_val(ids)
+        self.train_ids = encode_dataset(train_text, self.tokenizer)
+        self.val_ids = encode_dataset(val_text, self.tokenizer)
         check_split_size(self.train_ids, cfg.block_size, "train")
         check_split_size(self.val_ids, cfg.block_size, "val")
         # Characters per token of the val split: bits per character compare runs
         # whose tokenizers differ.
-        val_chars = len(self.tokenizer.decode(self.val_ids.tolist()))
-        self.val_chars_per_token = max(1, val_chars) / len(self.val_ids)
+        self.val_chars_per_token = len(val_text) / len(self.val_ids)
         self.data_info = {"path": os.path.abspath(cfg.data), "chars": len(text),
-                          "tokens": int(len(ids))}
+                          "tokens": int(len(self.train_ids) + len(self.val_ids))}
+        if resume and self.saved_data_info.get("chars") not in (None, len(text)):
+            self.log(f"warning: {cfg.data} has changed since this run was saved "
+                     f"({len(text):,} characters, was {self.saved_data_info['chars']:,}): "
+                     f"training continues on the new text, so it will not match an "
+                     f"uninterrupted run")
         self.metrics = []
         self._prepare_out_dir(resume)
 
@@ -253,8 +259,14 @@ class Run:
                     f"but --{name.replace('_', '-')} {getattr(self.cfg, name)} was given; "
                     f"the architecture comes from the source run")
             setattr(self.cfg, name, getattr(mc, name))
+        kind = tokenizer.to_dict()["type"]
+        if "tokenizer" in explicit and self.cfg.tokenizer != kind:
+            raise ConfigError(f"--init-from {source}: its model uses the {kind} tokenizer, "
+                              f"not {self.cfg.tokenizer}")
+        self.cfg.tokenizer = kind
+        if kind == "bpe":
+            self.cfg.vocab_size = tokenizer.vocab_size
         model.dropout_seed = self.cfg.seed
-        self.cfg.tokenizer = tokenizer.to_dict()["type"]
         if self.cfg.dropout != mc.dropout:
             model.config.dropout = self.cfg.dropout
         self.log(f"initialised from {file} (fresh optimizer)")
@@ -302,9 +314,15 @@ class Run:
             model.dropout_calls = int(meta["dropout_calls"])
             self.rng_train = _rng_from_state(meta["rng_train"])
             self.rng_eval = _rng_from_state(meta["rng_eval"])
+            self.saved_data_info = dict(meta.get("data") or {})
+            saved_threads = meta.get("threads")
         except (KeyError, TypeError, ValueError) as err:
             raise CheckpointError(f"{self.latest_path}: training state is incomplete "
                                   f"({err})") from None
+        if saved_threads not in (None, _core.get_num_threads()):
+            self.log(f"note: this run was saved with {saved_threads} threads, now "
+                     f"{_core.get_num_threads()}: the numbers will differ in the last bits "
+                     f"from an uninterrupted run")
         self.log(f"resuming from {self.latest_path} at iteration {self.iter}")
 
     # -- one step -----------------------------------------------------------------
@@ -363,6 +381,7 @@ class Run:
             "rng_train": self.rng_train.bit_generator.state,
             "rng_eval": self.rng_eval.bit_generator.state,
             "data": self.data_info,
+            "threads": _core.get_num_threads(),
         })
         save_checkpoint(self.latest_path, tensors, meta)
 
@@ -381,13 +400,13 @@ class Run:
         return entry
 
 
-def _fit_tokenizer(cfg, text):
-    """The run's tokenizer. BPE learns its merges from the training split only
-    (the first 90% of the text, as the token split), so that the validation text
-    has no say in the vocabulary; the character vocabulary comes from the whole
-    text, as nanoGPT's, so that no validation character is unknown."""
+def _fit_tokenizer(cfg, text, train_text):
+    """The run's tokenizer. BPE learns its merges from the training split only,
+    so that the validation text has no say in the vocabulary; the character
+    vocabulary comes from the whole text, as nanoGPT's, so that no validation
+    character is unknown."""
     if cfg.tokenizer == "bpe":
-        return build_tokenizer("bpe", text[:len(text) - len(text) // 10], cfg.vocab_size)
+        return build_tokenizer("bpe", train_text, cfg.vocab_size)
     return build_tokenizer(cfg.tokenizer, text)
 
 

@@ -851,20 +851,21 @@ def test_a_short_run_with_each_tokenizer(tmp_path, kind):
     # val split, recomputed here from the text and the saved tokenizer.
     model, tokenizer = femtogpt.load(cfg.out)
     assert tokenizer == run.tokenizer and tokenizer.to_dict()["type"] == kind
-    ids = tokenizer.encode_array(text)
-    val_ids = ids[int(len(ids) * 0.9):]
-    val_chars = len(tokenizer.decode(val_ids.tolist()))
+    # nanoGPT's split: the first 90% of the characters train, the rest validate.
+    val_text = text[int(len(text) * 0.9):]
+    val_ids = tokenizer.encode_array(val_text)
+    assert len(val_ids) == len(run.val_ids)
     for row in rows:
-        expected = row["val_loss"] * len(val_ids) / val_chars / math.log(2)
+        expected = row["val_loss"] * len(val_ids) / len(val_text) / math.log(2)
         assert row["val_bpc"] == pytest.approx(expected, rel=1e-12)
     if kind == "char":
         assert rows[-1]["val_bpc"] == pytest.approx(rows[-1]["val_loss"] / math.log(2))
     if kind == "bpe":
-        assert len(ids) < 0.8 * len(text.encode("utf-8"))     # it did merge
+        assert len(val_ids) < 0.8 * len(val_text.encode("utf-8"))     # it did merge
         assert 256 < tokenizer.vocab_size <= 300
         # merges come from the training split only
         assert tokenizer == femtogpt.tokenizer.build_tokenizer(
-            "bpe", text[:len(text) - len(text) // 10], 300)
+            "bpe", text[:int(len(text) * 0.9)], 300)
 
 
 def test_resume_refuses_another_bpe_vocab_size(tmp_path, data_file):
@@ -872,3 +873,37 @@ def test_resume_refuses_another_bpe_vocab_size(tmp_path, data_file):
     with pytest.raises(ConfigError, match="280"):
         quiet_train(tiny(tmp_path, data_file, tokenizer="bpe", vocab_size=300, max_iters=9),
                     explicit={"vocab_size", "max_iters"})
+
+
+def test_a_preset_on_a_run_of_another_shape_is_refused(tmp_path, data_file):
+    from femtogpt.cli import main
+    out = str(tmp_path / "run")
+    args = ["--data", data_file, "--out", out, "--max-iters", "2", "--sample-tokens", "0",
+            "--no-progress", "--eval-iters", "1", "--threads", "1", "--block-size", "8"]
+    assert main(["train", "--preset", "femto", "--batch-size", "2", *args]) == 0
+    before = _snapshot(out)
+    assert main(["train", "--preset", "baby", *args]) == 2          # baby is 128 wide
+    assert _snapshot(out) == before
+
+
+def test_init_from_refuses_another_tokenizer_and_keeps_the_bpe_vocabulary(tmp_path, data_file):
+    quiet_train(tiny(tmp_path, data_file, out="source", tokenizer="bpe", vocab_size=270,
+                     max_iters=3))
+    with pytest.raises(ConfigError, match="bpe tokenizer"):
+        quiet_train(tiny(tmp_path, data_file, out="child", tokenizer="byte"),
+                    init_from=str(tmp_path / "source"), explicit={"tokenizer"})
+    run = quiet_train(tiny(tmp_path, data_file, out="child2", max_iters=2),
+                      init_from=str(tmp_path / "source"))
+    assert run.cfg.tokenizer == "bpe" and run.cfg.vocab_size == run.tokenizer.vocab_size
+
+
+def test_resume_warns_when_the_data_file_changed(tmp_path, data_file):
+    quiet_train(tiny(tmp_path, data_file, max_iters=3))
+    with open(data_file, "a", encoding="utf-8") as f:
+        f.write("the lazy dog jumps over the quick brown fox.\n" * 5)
+    lines = []
+    cfg = tiny(tmp_path, data_file, max_iters=5)
+    with open(os.devnull, "w") as sink:
+        run = Run(cfg, log=lines.append, explicit={"max_iters"})
+    assert any(line.startswith("warning:") and "has changed" in line for line in lines)
+    assert run.iter == 3
