@@ -94,12 +94,13 @@ def train_command(args):
     from .train import PRESETS, train
     from .train import ARCHITECTURE
     base = PRESETS[args.preset or "baby"]
-    explicit = {f.name for f in fields(base) if getattr(args, f.name) is not None}
+    given = {f.name for f in fields(base) if getattr(args, f.name) is not None}
+    cfg = replace(base, **{name: getattr(args, name) for name in given})
+    explicit = set(given)
     if args.preset:
         # A named preset asks for its architecture: resuming a run of another
         # shape must be refused, not silently continued.
         explicit |= set(ARCHITECTURE)
-    cfg = replace(base, **{name: getattr(args, name) for name in explicit})
     run = train(cfg, init_from=args.init_from, explicit=explicit,
                 progress=None if not args.no_progress else False)
     if run.interrupted:
