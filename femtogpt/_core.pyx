@@ -33,7 +33,7 @@ from cython.parallel cimport prange
 cimport openmp
 from libc.math cimport sqrtf, logf, pow
 from libc.stdint cimport uint32_t, uint64_t, int32_t
-from libc.stdlib cimport free, qsort
+from libc.stdlib cimport free, malloc, qsort
 from cpython.mem cimport PyMem_Malloc, PyMem_Free
 from libc.string cimport memset, memcpy
 from scipy.linalg.cython_blas cimport sgemm
@@ -736,16 +736,16 @@ cdef double sum_of_squares(const float* x, Py_ssize_t n) noexcept nogil:
     cdef Py_ssize_t n_chunks = (n + REDUCE_CHUNK - 1) // REDUCE_CHUNK
     cdef Py_ssize_t chunk, i, i0, i1
     cdef double total = 0.0, part
-    cdef double* partial = NULL
     cdef double stack_partial[1024]
-    if n_chunks <= 1024:
-        partial = stack_partial
-    else:
-        # Chunks are large enough that this covers 8M parameters per 1k entries;
-        # beyond that, fall back to a sequential sum (still deterministic).
-        for i in range(n):
-            total += <double>x[i] * x[i]
-        return total
+    cdef double* partial = stack_partial
+    if n_chunks > 1024:
+        # More than 8M elements: partial sums on the heap (malloc is safe
+        # without the GIL); if even that fails, sum in one thread.
+        partial = <double*>malloc(n_chunks * sizeof(double))
+        if partial == NULL:
+            for i in range(n):
+                total += <double>x[i] * x[i]
+            return total
     for chunk in prange(n_chunks, schedule="static"):
         i0 = chunk * REDUCE_CHUNK
         i1 = i0 + REDUCE_CHUNK
@@ -757,6 +757,8 @@ cdef double sum_of_squares(const float* x, Py_ssize_t n) noexcept nogil:
         partial[chunk] = part
     for chunk in range(n_chunks):
         total += partial[chunk]
+    if partial != stack_partial:
+        free(partial)
     return total
 
 
@@ -863,7 +865,7 @@ def py_matmul_forward(float[::1] out, const float[::1] inp, const float[::1] wei
     cdef const float* bias_ptr = NULL
     _need_positive(N=N, C_in=C_in, C_out=C_out)
     for name, arr, size in (("out", out, N * C_out), ("inp", inp, N * C_in),
-                            ("weight", weight, C_out * C_in)):
+                            ("weight", weight, <Py_ssize_t>C_out * C_in)):
         _need(name, arr.shape[0], size)
     if bias is not None:
         bias_view = bias
@@ -879,9 +881,10 @@ def py_matmul_backward(float[::1] dinp, float[::1] dweight, dbias,
     cdef float[::1] dbias_view
     cdef float* dbias_ptr = NULL
     _need_positive(N=N, C_in=C_in, C_out=C_out)
-    for name, arr, size in (("dinp", dinp, N * C_in), ("dweight", dweight, C_out * C_in),
+    for name, arr, size in (("dinp", dinp, N * C_in),
+                            ("dweight", dweight, <Py_ssize_t>C_out * C_in),
                             ("dout", dout, N * C_out), ("inp", inp, N * C_in),
-                            ("weight", weight, C_out * C_in)):
+                            ("weight", weight, <Py_ssize_t>C_out * C_in)):
         _need(name, arr.shape[0], size)
     if dbias is not None:
         dbias_view = dbias
@@ -901,13 +904,14 @@ def _check_attention_sizes(int B, int T, int C, int NH):
 def py_attention_forward(float[::1] out, float[::1] att, const float[::1] qkv,
                          int B, int T, int C, int NH, float p=0.0, uint64_t seed=0):
     cdef Py_ssize_t n_slots = openmp.omp_get_max_threads()
-    cdef Buffer scratch = Buffer(n_slots * 2 * <Py_ssize_t>T * T)
+    cdef Buffer scratch
     _check_attention_sizes(B, T, C, NH)
     _check_dropout(p)
     for name, arr, size in (("out", out, <Py_ssize_t>B * T * C),
                             ("att", att, <Py_ssize_t>B * NH * T * T),
                             ("qkv", qkv, <Py_ssize_t>B * T * 3 * C)):
         _need(name, arr.shape[0], size)
+    scratch = Buffer(n_slots * 2 * <Py_ssize_t>T * T)
     with nogil:
         attention_forward(&out[0], &att[0], scratch.data, &qkv[0], B, T, C, NH,
                           p, seed, <int>n_slots)
@@ -917,7 +921,7 @@ def py_attention_backward(float[::1] dqkv, const float[::1] dout, const float[::
                           const float[::1] att, int B, int T, int C, int NH,
                           float p=0.0, uint64_t seed=0):
     cdef Py_ssize_t n_slots = openmp.omp_get_max_threads()
-    cdef Buffer scratch = Buffer(n_slots * 2 * <Py_ssize_t>T * T)
+    cdef Buffer scratch
     _check_attention_sizes(B, T, C, NH)
     _check_dropout(p)
     for name, arr, size in (("dqkv", dqkv, <Py_ssize_t>B * T * 3 * C),
@@ -925,6 +929,7 @@ def py_attention_backward(float[::1] dqkv, const float[::1] dout, const float[::
                             ("qkv", qkv, <Py_ssize_t>B * T * 3 * C),
                             ("att", att, <Py_ssize_t>B * NH * T * T)):
         _need(name, arr.shape[0], size)
+    scratch = Buffer(n_slots * 2 * <Py_ssize_t>T * T)
     with nogil:
         attention_backward(&dqkv[0], scratch.data, &dout[0], &qkv[0], &att[0],
                            B, T, C, NH, p, seed, <int>n_slots)
@@ -1278,6 +1283,7 @@ cdef class Graph:
     cdef Buffer kv_buf, dec_buf
     cdef int gen_B
     cdef readonly int cache_len
+    cdef bint busy            # a call is running (see _acquire)
     cdef float* k_cache       # (L, B, maxT, C)
     cdef float* v_cache       # (L, B, maxT, C)
     cdef float* dec_x         # (B, C) residual stream of the new position
@@ -1294,12 +1300,14 @@ cdef class Graph:
         _need_positive(V=V, max_T=max_T, L=L, NH=NH, C=C)
         if C % NH:
             raise ValueError(f"C={C} is not divisible by NH={NH}")
+        # Python integers: no C int overflow for absurd sizes.
+        V_, T_, L_, C_ = int(V), int(max_T), int(L), int(C)
         sizes = {
-            "wte": V * C, "wpe": max_T * C, "qkvw": L * 3 * C * C,
-            "attprojw": L * C * C, "fcw": L * 4 * C * C, "fcprojw": L * 4 * C * C,
-            "ln1w": L * C, "ln1b": L * C, "qkvb": L * 3 * C, "attprojb": L * C,
-            "ln2w": L * C, "ln2b": L * C, "fcb": L * 4 * C, "fcprojb": L * C,
-            "lnfw": C, "lnfb": C,
+            "wte": V_ * C_, "wpe": T_ * C_, "qkvw": L_ * 3 * C_ * C_,
+            "attprojw": L_ * C_ * C_, "fcw": L_ * 4 * C_ * C_, "fcprojw": L_ * 4 * C_ * C_,
+            "ln1w": L_ * C_, "ln1b": L_ * C_, "qkvb": L_ * 3 * C_, "attprojb": L_ * C_,
+            "ln2w": L_ * C_, "ln2b": L_ * C_, "fcb": L_ * 4 * C_, "fcprojb": L_ * C_,
+            "lnfw": C_, "lnfb": C_,
         }
         for key in PARAM_KEYS:
             off = offsets[key]
@@ -1316,6 +1324,7 @@ cdef class Graph:
         self.has_targets = False
         self.gen_B = 0
         self.cache_len = 0
+        self.busy = False
 
     # -- activation layout -------------------------------------------------------
 
@@ -1375,10 +1384,22 @@ cdef class Graph:
 
     def logits_view(self):
         """The last forward's logits, (B*T*V,) as a view into the activation block."""
+        if self.acts_buf is None:
+            raise RuntimeError("no forward() has run yet")
         cdef Py_ssize_t off = self.a.logits - self.acts_buf.data
         return np.asarray(self.acts_buf)[off:off + <Py_ssize_t>self.B * self.T * self.V]
 
     # -- forward ------------------------------------------------------------------
+
+    cdef _acquire(self):
+        # The buffers are shared by every call: a second call while one runs (from
+        # a generate() callback, or another thread: each call releases the GIL)
+        # could swap them under the first. Checked and set under the GIL.
+        if self.busy:
+            raise RuntimeError("this model is already running a call (re-entered from a "
+                               "callback, or used by two threads at once: give each "
+                               "thread its own model)")
+        self.busy = True
 
     def forward(self, const int32_t[:, ::1] idx not None, targets=None,
                 float dropout=0.0, uint64_t seed=0):
@@ -1387,6 +1408,14 @@ cdef class Graph:
         Returns the loss (float) or None. Ids are checked here as well as in
         model.py: the kernels index embedding rows with them.
         """
+        self._acquire()
+        try:
+            return self._forward_checked(idx, targets, dropout, seed)
+        finally:
+            self.busy = False
+
+    def _forward_checked(self, const int32_t[:, ::1] idx not None, targets,
+                         float dropout, uint64_t seed):
         cdef int B = idx.shape[0], T = idx.shape[1]
         cdef const int32_t[:, ::1] targets_view
         cdef int32_t[::1] new_idx, new_targets = None
@@ -1471,8 +1500,12 @@ cdef class Graph:
         """Add the last forward's gradients of the mean loss into the grads buffer."""
         if not self.has_targets:
             raise RuntimeError("backward() needs a forward() with targets first")
-        with nogil:
-            self._backward()
+        self._acquire()
+        try:
+            with nogil:
+                self._backward()
+        finally:
+            self.busy = False
 
     cdef void _backward(self) noexcept nogil:
         # forward() in reverse, line by line. The residual stream's gradient lives
@@ -1638,15 +1671,27 @@ cdef class Graph:
         if not 1 <= pos < self.max_T or pos > self.cache_len:
             raise ValueError(f"pos {pos} is outside the filled cache (length {self.cache_len})")
         _need_ids(tokens, self.gen_B, self.V, "tokens")
-        with nogil:
-            self._decode_one(&tokens[0], pos)
+        self._acquire()
+        try:
+            with nogil:
+                self._decode_one(&tokens[0], pos)
+        finally:
+            self.busy = False
         self.cache_len = pos + 1
-        return np.asarray(self.dec_buf)[11 * self.gen_B * self.C:][
-            :self.gen_B * self.V].reshape(self.gen_B, self.V).copy()
+        cdef Py_ssize_t off = self.dec_logits - self.dec_buf.data
+        return np.asarray(self.dec_buf)[off:off + self.gen_B * self.V].reshape(
+            self.gen_B, self.V).copy()
 
     def prefill_logits(self, const int32_t[:, ::1] idx not None):
         """Fill the KV cache from idx (B, T); returns the logits of the last position."""
-        self.forward(idx)
+        self._acquire()
+        try:
+            return self._prefill(idx)
+        finally:
+            self.busy = False
+
+    def _prefill(self, const int32_t[:, ::1] idx not None):
+        self._forward_checked(idx, None, 0.0, 0)
         self._prepare_generation(self.B)
         with nogil:
             self._prefill_cache()
@@ -1667,8 +1712,8 @@ cdef class Graph:
         cdef uint64_t draw = 0
         if max_new_tokens < 0:
             raise ValueError("max_new_tokens must be >= 0")
-        if not 1 <= keep < self.max_T:
-            raise ValueError(f"keep must be in [1, block_size), got {keep}")
+        if not 1 <= keep <= self.max_T:
+            raise ValueError(f"keep must be in [1, block_size], got {keep}")
         if not (temperature >= 0.0):
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         if not (0.0 < top_p <= 1.0):
@@ -1687,12 +1732,14 @@ cdef class Graph:
         cdef float* logits
         if max_new_tokens == 0:
             return out
+        self._acquire()
         order = <SortItem*>PyMem_Malloc(V * sizeof(SortItem))
         if order == NULL:
+            self.busy = False
             raise MemoryError()
         try:
-            self.prefill_logits(np.ascontiguousarray(history[:, :n_hist]))
-            logits = self.logits_view_ptr_last()
+            self._prefill(np.ascontiguousarray(history[:, :n_hist]))
+            logits = self._copy_last_logits()
             pos = n_hist
             for step in range(max_new_tokens):
                 with nogil:
@@ -1710,8 +1757,8 @@ cdef class Graph:
                     break
                 if pos == self.max_T:
                     # Window full: rebuild the cache from the last `keep` tokens.
-                    self.prefill_logits(np.ascontiguousarray(history[:, n_hist - keep:n_hist]))
-                    logits = self.logits_view_ptr_last()
+                    self._prefill(np.ascontiguousarray(history[:, n_hist - keep:n_hist]))
+                    logits = self._copy_last_logits()
                     pos = keep
                 else:
                     with nogil:
@@ -1721,9 +1768,10 @@ cdef class Graph:
                     self.cache_len = pos
         finally:
             PyMem_Free(order)
+            self.busy = False
         return out
 
-    cdef float* logits_view_ptr_last(self):
+    cdef float* _copy_last_logits(self):
         # After prefill: copy each row's last-position logits into dec_logits.
         cdef Py_ssize_t b, T = self.T, V = self.V
         for b in range(self.B):

@@ -144,3 +144,40 @@ def test_random_sizes_at_the_kernel_wrappers(n, N, C, ids):
             call()
         except ALLOWED:
             pass
+
+
+def test_a_callback_that_reenters_the_model_is_refused_not_a_crash():
+    # generate() runs the callback between steps; a second call into the same
+    # model from there would swap its buffers under the running one.
+    model = GPT(GPTConfig(vocab_size=11, block_size=6, n_layer=1, n_head=2, n_embd=8), seed=0)
+    seen = []
+
+    def reenter(tokens):
+        with pytest.raises(RuntimeError, match="already running"):
+            model.generate(np.zeros((3, 2), dtype=np.int64), 4)
+        with pytest.raises(RuntimeError, match="already running"):
+            model.forward(np.zeros((1, 2), dtype=np.int64))
+        seen.append(int(tokens[0]))
+
+    out = model.generate(np.zeros((1, 1), dtype=np.int64), 10, seed=3, callback=reenter)
+    assert len(seen) == 10 and out[0, 1:].tolist() == seen
+    # ...and the model is usable again afterwards, with the same result.
+    again = model.generate(np.zeros((1, 1), dtype=np.int64), 10, seed=3)
+    np.testing.assert_array_equal(again, out)
+
+
+def test_a_model_with_block_size_1_generates():
+    model = GPT(GPTConfig(vocab_size=7, block_size=1, n_layer=1, n_head=1, n_embd=8), seed=0)
+    out = model.generate(np.array([[3]]), 5, temperature=0.0)
+    # With one position of context, greedy decoding is a fixed function of the last token.
+    for t in range(1, 6):
+        logits, _ = model.forward(out[:, t - 1:t])
+        assert out[0, t] == logits[0, -1].argmax()
+
+
+def test_matmul_sizes_that_overflow_int_are_refused():
+    # C_out * C_in = 65536 * 65537 wraps to 65536 in 32-bit arithmetic.
+    small = np.zeros(65536, dtype=np.float32)
+    with pytest.raises(ValueError, match="weight"):
+        _core.py_matmul_forward(np.zeros(65536, np.float32), np.zeros(65537, np.float32),
+                                small, None, 1, 65537, 65536)
