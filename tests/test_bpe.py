@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import femtogpt
 import femtogpt.tokenizer as tokenizer_module
 from femtogpt.errors import TokenizerError
 from femtogpt.tokenizer import (
@@ -210,9 +211,14 @@ def test_training_is_deterministic_across_processes():
         "print(json.dumps(BPETokenizer.train(text, 350).to_dict()))\n"
     )
     for seed in ("1", "2"):
-        env = dict(os.environ, PYTHONHASHSEED=seed, PYTHONPATH=ROOT)
+        # The imported package's parent, as PYTHONPATH and working directory: from the
+        # repository root, `python -c` would import the source tree, which has no
+        # compiled core when the package is installed with pip.
+        package_parent = os.path.dirname(os.path.dirname(os.path.abspath(femtogpt.__file__)))
+        env = dict(os.environ, PYTHONHASHSEED=seed, PYTHONPATH=package_parent)
         out = subprocess.run([sys.executable, "-c", code], input=text, capture_output=True,
-                             text=True, encoding="utf-8", env=env, check=True).stdout
+                             text=True, encoding="utf-8", env=env, cwd=package_parent,
+                             check=True).stdout
         assert json.loads(out) == here
 
 
