@@ -96,7 +96,7 @@ cdef class Buffer:
         view.internal = NULL
 
     def __releasebuffer__(self, Py_buffer* view):
-        pass
+        """Nothing to release: the memory belongs to the Buffer, which the view keeps alive."""
 
     def address(self):
         """The address of the first element (tests check the alignment)."""

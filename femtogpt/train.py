@@ -457,7 +457,7 @@ def _all_metrics(path):
                     try:
                         rows.append(json.loads(line))
                     except json.JSONDecodeError:
-                        pass
+                        continue    # a line cut short by a kill mid-write: skip it
     return rows
 
 
