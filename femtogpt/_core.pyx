@@ -210,14 +210,20 @@ cdef inline float fast_expf(float x) noexcept nogil:
     # Written so that gcc vectorises it (with -fno-trapping-math): selects
     # instead of branches, and rounding by adding 1.5 * 2^23, which leaves
     # round(x / ln 2) in the low mantissa bits of the sum.
-    cdef float t, n, r, poly, scale
+    #
+    # Below -70 the result is exactly 0 and above 70 it is exp(70) ~ 2.5e30: no
+    # result (and no product of softmax probabilities or sigmoids with ordinary
+    # numbers downstream) is a denormal float. Denormals make every multiply
+    # that touches them, in our loops and in sgemm, many times slower, and a
+    # trained model's softmax has probabilities far below 1e-38 otherwise.
+    # Terms below e^-70 ~ 4e-31 cannot change a float32 sum of O(1) terms.
+    cdef float t, n, r, poly, scale, clamped
     cdef int32_t bits
-    # exp(-87) is about the smallest normal float, exp(88) < FLT_MAX.
-    x = <float>-87.0 if x < <float>-87.0 else x
-    x = <float>88.0 if x > <float>88.0 else x
-    t = x * <float>1.4426950408889634 + <float>12582912.0
+    clamped = <float>-70.0 if x < <float>-70.0 else x
+    clamped = <float>70.0 if clamped > <float>70.0 else clamped
+    t = clamped * <float>1.4426950408889634 + <float>12582912.0
     n = t - <float>12582912.0
-    r = x - n * <float>0.693145751953125        # ln 2 in two parts: r stays exact
+    r = clamped - n * <float>0.693145751953125  # ln 2 in two parts: r stays exact
     r = r - n * <float>1.428606765330187e-06
     poly = <float>1.0 + r * (<float>1.0 + r * (<float>0.5 + r * (<float>0.16666667 + r * (
         <float>0.041666668 + r * (<float>0.008333334 + r * <float>0.0013888889)))))
@@ -225,7 +231,7 @@ cdef inline float fast_expf(float x) noexcept nogil:
     memcpy(&bits, &t, 4)
     bits = (bits - 0x4B400000 + 127) << 23
     memcpy(&scale, &bits, 4)
-    return poly * scale
+    return <float>0.0 if x < <float>-70.0 else poly * scale
 
 
 cdef inline float fast_sigmoidf(float x) noexcept nogil:
