@@ -88,11 +88,26 @@ def add_train_arguments(parser):
                              "with a fresh optimizer")
     parser.add_argument("--no-progress", action="store_true",
                         help="no live progress bar (eval lines are still printed)")
+    group = parser.add_argument_group(
+        "data-parallel training over MPI",
+        "`mpiexec -n N femtogpt train ...` runs N ranks that share each batch of "
+        "--batch-size sequences and sum their gradients (needs pip install "
+        "'femtogpt[mpi]'). --threads then defaults to this machine's cores divided by "
+        "the ranks running on it.")
+    group.add_argument("--distributed", action="store_true",
+                       help="run as one rank of an MPI job under a launcher that "
+                            "femtogpt does not recognise (mpiexec and mpirun of MPICH, "
+                            "Open MPI and Intel MPI are detected without it)")
+    group.add_argument("--comm-timeout", type=float, default=600.0, metavar="SECONDS",
+                       help="how long a rank waits for the others at a collective before "
+                            "stopping the job: a rank died or is stuck (default: 600)")
 
 
 def train_command(args):
+    from .distributed import connect
     from .train import PRESETS, train
     from .train import ARCHITECTURE
+    comm = args.comm = connect(args.distributed, args.comm_timeout)
     base = PRESETS[args.preset or "baby"]
     given = {f.name for f in fields(base) if getattr(args, f.name) is not None}
     cfg = replace(base, **{name: getattr(args, name) for name in given})
@@ -102,10 +117,10 @@ def train_command(args):
         # shape must be refused, not silently continued.
         explicit |= set(ARCHITECTURE)
     run = train(cfg, init_from=args.init_from, explicit=explicit,
-                progress=None if not args.no_progress else False)
+                progress=None if not args.no_progress else False, comm=comm)
     if run.interrupted:
         return 130
-    if cfg.sample_tokens > 0:
+    if cfg.sample_tokens > 0 and comm.rank == 0:
         model = run.model
         model.eval()
         from .sample import stream_sample
@@ -145,19 +160,54 @@ def build_parser():
 
 
 def run_guarded(function, args):
-    """Run a command; user errors become one line on stderr and exit status 2."""
+    """Run a command; user errors become one line on stderr and exit status 2.
+
+    In a distributed run, an error that every rank has met together (flagged
+    `agreed`) is printed by rank 0 and each rank exits normally; any other
+    error is printed by the rank that met it, which then aborts the whole MPI
+    job: the other ranks would otherwise wait for it.
+    """
+    try:
+        return _run_reporting_errors(function, args)
+    except BaseException:
+        if _in_mpi_job(args):
+            import traceback
+            traceback.print_exc()
+            args.comm.abort(1)
+        raise
+
+
+def _in_mpi_job(args):
+    comm = getattr(args, "comm", None)
+    return comm is not None and comm.distributed
+
+
+def _report(args, err, code):
+    comm = getattr(args, "comm", None)
+    if not _in_mpi_job(args):
+        print(f"femtogpt: error: {err}", file=sys.stderr)
+        return code
+    if getattr(err, "agreed", False):
+        if comm.rank == 0:
+            print(f"femtogpt: error: {err}", file=sys.stderr)
+        return code
+    print(f"femtogpt: error on rank {comm.rank}: {err}; stopping all ranks",
+          file=sys.stderr, flush=True)
+    comm.abort(code)
+    return code
+
+
+def _run_reporting_errors(function, args):
     try:
         return function(args)
     except FemtoGPTError as err:
         if getattr(args, "debug", False):
             raise
-        print(f"femtogpt: error: {err}", file=sys.stderr)
-        return 2
+        return _report(args, err, 2)
     except FloatingPointError as err:
         if getattr(args, "debug", False):
             raise
-        print(f"femtogpt: error: {err}", file=sys.stderr)
-        return 3
+        return _report(args, err, 3)
     except BrokenPipeError:
         # `femtogpt sample | head`: the reader left; not an error.
         try:
@@ -167,6 +217,8 @@ def run_guarded(function, args):
         return 0
     except KeyboardInterrupt:
         print("femtogpt: interrupted", file=sys.stderr)
+        if _in_mpi_job(args):
+            args.comm.abort(130)
         return 130
 
 

@@ -124,6 +124,9 @@ def _check_tokens(name, arr, cfg, shape=None):
     return np.ascontiguousarray(arr, dtype=np.int32)
 
 
+GRAD_TAIL = 16     # spare floats after the gradients (one aligned group)
+
+
 class GPT:
     """nanoGPT's GPT on femtogpt's compiled kernels.
 
@@ -144,11 +147,17 @@ class GPT:
             n_total += -(-int(np.prod(shape)) // _ALIGN) * _ALIGN
             if decay:
                 self.n_decay = n_total
-        self._params = _core.Buffer(n_total)
-        self._grads = _core.Buffer(n_total)
-        # Flat views of the whole blocks: what AdamW, clipping and allreduce use.
-        self.params_flat = np.asarray(self._params)
-        self.grads_flat = np.asarray(self._grads)
+        # Both blocks end with GRAD_TAIL spare floats that no kernel touches: a
+        # distributed trainer writes a few scalars (its loss, a stop request) into
+        # the gradient block's tail, so that one allreduce sums them with the
+        # gradients (femtogpt/distributed.py).
+        self._params = _core.Buffer(n_total + GRAD_TAIL)
+        self._grads = _core.Buffer(n_total + GRAD_TAIL)
+        # Flat views of the whole blocks: what AdamW and clipping use.
+        self.params_flat = np.asarray(self._params)[:n_total]
+        self.grads_flat = np.asarray(self._grads)[:n_total]
+        # The gradients and their tail: what a data-parallel allreduce sums.
+        self.grads_with_tail = np.asarray(self._grads)
         self._offsets = offsets
         self._stacked_params = self._stacked_views(self.params_flat, offsets)
         self._stacked_grads = self._stacked_views(self.grads_flat, offsets)

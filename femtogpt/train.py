@@ -19,8 +19,10 @@ import numpy as np
 from . import _core
 from .checkpoint import (BEST_NAME, LATEST_NAME, load_checkpoint, model_from_checkpoint,
                          model_meta, save_checkpoint, checkpoint_path)
+from .distributed import (TAIL_LOSS, TAIL_STOP, Solo, batch_share, default_threads,
+                          fingerprint, rank_dropout_seed)
 from .data import check_split_size, encode_dataset, get_batch, read_text, split_train_val
-from .errors import CheckpointError, ConfigError, DataError
+from .errors import CheckpointError, ConfigError, DataError, FemtoGPTError
 from .model import GPT, GPTConfig
 from .tokenizer import build_tokenizer
 
@@ -171,20 +173,34 @@ def grad_norm(model):
 # --------------------------------------------------------------------------- the run
 
 
-class Run:
-    """One training run: data, model, optimizer, RNG streams and bookkeeping."""
+def _train_stream(seed, rank):
+    """The data-sampling random stream of one rank. Rank 0's is a single-process
+    run's own, so a one-rank distributed run is that run."""
+    return np.random.default_rng([seed, 0] if rank == 0 else [seed, 0, rank])
 
-    def __init__(self, cfg, log=print, init_from=None, explicit=()):
+
+class Run:
+    """One training run: data, model, optimizer, RNG streams and bookkeeping.
+
+    With a distributed `comm` (femtogpt/distributed.py), this is one rank's
+    part of the run: it computes its share of each batch, and only rank 0
+    writes to the run directory.
+    """
+
+    def __init__(self, cfg, log=print, init_from=None, explicit=(), comm=None):
         # Everything that can be wrong (options, data, checkpoints) is checked
         # before anything is written: a refused run leaves the disk as it was.
         self.cfg = cfg.validate()
+        self.comm = comm = comm or Solo()
+        self.writes = comm.rank == 0      # the one rank that prints and saves
         self.log = log
         _check_out_dir(cfg.out)
         self.latest_path = os.path.join(cfg.out, LATEST_NAME)
         self.best_path = os.path.join(cfg.out, BEST_NAME)
         self.metrics_path = os.path.join(cfg.out, "metrics.jsonl")
-        if cfg.threads:
-            _core.set_num_threads(cfg.threads)
+        threads = cfg.threads or (default_threads(comm) if comm.distributed else 0)
+        if threads:
+            _core.set_num_threads(threads)
 
         resume = os.path.isfile(self.latest_path) and init_from is None
         if resume:
@@ -209,9 +225,18 @@ class Run:
             self.best_val_loss = math.inf
             self.elapsed = 0.0
             # Separate streams, so that evaluating does not change the training batches.
-            self.rng_train = np.random.default_rng([cfg.seed, 0])
+            self.rng_train = _train_stream(cfg.seed, comm.rank)
             self.rng_eval = np.random.default_rng([cfg.seed, 1])
+            self.dropout_seed = self.model.dropout_seed
+        self.model.dropout_seed = rank_dropout_seed(self.dropout_seed, comm.rank)
         self.model.train()
+        if cfg.batch_size < comm.size:
+            raise ConfigError(f"--batch-size {cfg.batch_size} is smaller than the number of "
+                              f"ranks ({comm.size}): every rank needs at least one sequence")
+        # The global batch is cfg.batch_size; this rank computes its share of it,
+        # and weights its gradient and loss by that share before they are summed.
+        self.local_batch = batch_share(cfg.batch_size, comm.rank, comm.size)
+        self.share = self.local_batch / cfg.batch_size
 
         self.train_ids = encode_dataset(train_text, self.tokenizer)
         self.val_ids = encode_dataset(val_text, self.tokenizer)
@@ -228,7 +253,8 @@ class Run:
                      f"training continues on the new text, so it will not match an "
                      f"uninterrupted run")
         self.metrics = []
-        self._prepare_out_dir(resume)
+        if self.writes:
+            self._prepare_out_dir(resume)
 
     def _prepare_out_dir(self, resume):
         out = self.cfg.out
@@ -267,6 +293,7 @@ class Run:
         if kind == "bpe":
             self.cfg.vocab_size = tokenizer.vocab_size
         model.dropout_seed = self.cfg.seed
+        self.dropout_seed = self.cfg.seed
         if self.cfg.dropout != mc.dropout:
             model.config.dropout = self.cfg.dropout
         self.log(f"initialised from {file} (fresh optimizer)")
@@ -310,15 +337,28 @@ class Run:
             self.last_eval_iter = int(meta["last_eval_iter"])
             self.best_val_loss = float(meta["best_val_loss"])
             self.elapsed = float(meta["elapsed_s"])
-            model.dropout_seed = int(meta["dropout_seed"])
+            self.dropout_seed = int(meta["dropout_seed"])
             model.dropout_calls = int(meta["dropout_calls"])
-            self.rng_train = _rng_from_state(meta["rng_train"])
+            # One data stream per rank of the run that saved (one: a single process).
+            saved_streams = meta.get("rng_train_ranks") or [meta["rng_train"]]
+            rank = self.comm.rank
+            if rank < len(saved_streams):
+                self.rng_train = _rng_from_state(saved_streams[rank])
+            else:
+                # A rank the saved run did not have: a stream of its own that
+                # does not replay the data the run started with.
+                self.rng_train = np.random.default_rng([self.cfg.seed, 0, rank, self.iter])
             self.rng_eval = _rng_from_state(meta["rng_eval"])
             self.saved_data_info = dict(meta.get("data") or {})
             saved_threads = meta.get("threads")
         except (KeyError, TypeError, ValueError) as err:
             raise CheckpointError(f"{self.latest_path}: training state is incomplete "
                                   f"({err})") from None
+        if len(saved_streams) != self.comm.size:
+            self.log(f"warning: this run was saved by {len(saved_streams)} "
+                     f"rank{'s' if len(saved_streams) > 1 else ''}, now {self.comm.size}: "
+                     f"training continues, but the batches will not be those of an "
+                     f"uninterrupted run")
         if saved_threads not in (None, _core.get_num_threads()):
             self.log(f"note: this run was saved with {saved_threads} threads, now "
                      f"{_core.get_num_threads()}: the numbers will differ in the last bits "
@@ -327,44 +367,79 @@ class Run:
 
     # -- one step -----------------------------------------------------------------
 
-    def train_step(self):
-        cfg, model = self.cfg, self.model
-        x, y = get_batch(self.train_ids, cfg.batch_size, cfg.block_size, self.rng_train, "train")
-        loss = model.loss(x, y)
+    def train_step(self, stop=False, batch=None):
+        """One optimisation step; returns (loss, lr, stop).
+
+        `stop` says Ctrl-C was pressed here; the returned stop is True when it
+        was pressed on any rank, so that every rank stops after the same step.
+        `batch` (x, y) replaces the random draw (tests feed chosen samples).
+        """
+        cfg, model, comm = self.cfg, self.model, self.comm
+        if batch is None:
+            batch = get_batch(self.train_ids, self.local_batch, cfg.block_size,
+                              self.rng_train, "train")
+        loss = model.loss(*batch)
         model.zero_grad()
         model.backward(accumulate=True)
+        if comm.distributed:
+            # The global batch's mean gradient is the sum over ranks of each
+            # rank's mean gradient weighted by its share of the batch.
+            if self.share != 1.0:
+                model.grads_flat *= np.float32(self.share)
+            tail = model.grads_with_tail[model.grads_flat.size:]
+            tail[:] = 0.0
+            tail[TAIL_LOSS] = loss * self.share
+            tail[TAIL_STOP] = 1.0 if stop else 0.0
+            comm.allreduce_sum(model.grads_with_tail)
+            loss, stop = float(tail[TAIL_LOSS]), bool(tail[TAIL_STOP] > 0.0)
         norm = grad_norm(model)
         if not (math.isfinite(loss) and math.isfinite(norm)):
-            raise FloatingPointError(
+            err = FloatingPointError(
                 f"loss became {loss} (gradient norm {norm}) at iteration {self.iter}; "
                 f"stopped without saving. Try a lower --learning-rate")
+            err.agreed = True       # every rank sees the same summed numbers
+            raise err
         scale = 1.0
         if cfg.grad_clip > 0.0 and norm > cfg.grad_clip:
             scale = cfg.grad_clip / (norm + 1e-6)
         lr = get_lr(self.iter, cfg)
         self.optimizer.step(lr, scale)
         self.iter += 1
-        return loss, lr
+        return loss, lr, stop
 
     def estimate_loss(self):
-        """Mean loss over eval_iters random batches of each split, dropout off."""
-        cfg, model = self.cfg, self.model
+        """Mean loss over eval_iters random batches of each split, dropout off.
+
+        Distributed, every rank draws every batch (so the stream stays in step)
+        but computes only every size-th one; one sum gathers the losses, each in
+        its own slot, so the result is the single-process one whatever the size.
+        """
+        cfg, model, comm = self.cfg, self.model, self.comm
         model.eval()
-        out = {}
-        for split, ids in (("train", self.train_ids), ("val", self.val_ids)):
-            losses = [model.loss(*get_batch(ids, cfg.batch_size, cfg.block_size,
-                                            self.rng_eval, split))
-                      for _ in range(cfg.eval_iters)]
-            out[split] = float(np.mean(losses))
+        losses = np.zeros((2, cfg.eval_iters))
+        for row, (split, ids) in enumerate((("train", self.train_ids),
+                                            ("val", self.val_ids))):
+            for i in range(cfg.eval_iters):
+                x, y = get_batch(ids, cfg.batch_size, cfg.block_size, self.rng_eval, split)
+                if (row * cfg.eval_iters + i) % comm.size == comm.rank:
+                    losses[row, i] = model.loss(x, y)
+        comm.allreduce_sum(losses, "evaluation losses")
         model.train()
-        return out
+        return {"train": float(np.mean(losses[0])), "val": float(np.mean(losses[1]))}
 
     # -- saving --------------------------------------------------------------------
 
     def save_latest(self):
+        """Write the whole training state (rank 0; every rank must call it, since
+        each rank's data stream is part of the state)."""
         if not np.all(np.isfinite(self.model.params_flat)):
-            raise FloatingPointError("weights are not finite; the last good checkpoint "
+            err = FloatingPointError("weights are not finite; the last good checkpoint "
                                      "was kept")
+            err.agreed = True       # the weights are the same on every rank
+            raise err
+        streams = self.comm.gather(self.rng_train.bit_generator.state)
+        if not self.writes:
+            return
         tensors = self.model.state_dict()
         tensors.update(self.optimizer.state_tensors())
         meta = model_meta(self.model, self.tokenizer)
@@ -376,9 +451,11 @@ class Run:
             "last_eval_iter": self.last_eval_iter,
             "best_val_loss": self.best_val_loss if math.isfinite(self.best_val_loss) else 1e30,
             "elapsed_s": self.elapsed,
-            "dropout_seed": self.model.dropout_seed,
+            "dropout_seed": self.dropout_seed,
             "dropout_calls": self.model.dropout_calls,
-            "rng_train": self.rng_train.bit_generator.state,
+            "rng_train": streams[0],
+            "rng_train_ranks": streams,
+            "world_size": self.comm.size,
             "rng_eval": self.rng_eval.bit_generator.state,
             "data": self.data_info,
             "threads": _core.get_num_threads(),
@@ -514,25 +591,76 @@ class _StopOnSigint:
         return False
 
 
-def train(cfg, init_from=None, explicit=(), progress=None, stream=None):
-    """Run (or continue) training as cfg says. Returns the Run."""
+def _start_run(cfg, log, init_from, explicit, comm):
+    """Build the Run; distributed, also check that every rank built the same one.
+
+    Every rank validates and loads on its own (they all read the same --data
+    and --out). They then compare notes, so that a problem on any rank stops
+    all of them with one message instead of leaving the others waiting.
+    """
+    if not comm.distributed:
+        return Run(cfg, log=log, init_from=init_from, explicit=explicit, comm=comm)
+    run = problem = None
+    try:
+        run = Run(cfg, log=log, init_from=init_from, explicit=explicit, comm=comm)
+        status = ("ok", run.iter, run.model.config.vocab_size,
+                  fingerprint(run.model.params_flat), fingerprint(run.optimizer.exp_avg_sq))
+    except FemtoGPTError as err:
+        problem, status = err, ("error", str(err))
+    statuses = comm.allgather(status)
+    failed = [(rank, st[1]) for rank, st in enumerate(statuses) if st[0] == "error"]
+    if problem is not None:
+        problem.agreed = True          # the other ranks stop too
+        raise problem
+    if failed:
+        rank, message = failed[0]
+        err = ConfigError(f"rank {rank} could not start: {message}")
+        err.agreed = True
+        raise err
+    if any(st != statuses[0] for st in statuses):
+        rank = next(r for r, st in enumerate(statuses) if st != statuses[0])
+        err = ConfigError(f"rank {rank} does not start from the same state as rank 0 "
+                          f"(iteration {statuses[rank][1]} against {statuses[0][1]}): every "
+                          f"rank must see the same --data and --out files (on several "
+                          f"machines, a shared filesystem)")
+        err.agreed = True
+        raise err
+    return run
+
+
+def train(cfg, init_from=None, explicit=(), progress=None, stream=None, comm=None):
+    """Run (or continue) training as cfg says. Returns the Run.
+
+    comm: femtogpt.distributed's MPIComm for data-parallel training (every rank
+    calls train() with the same arguments); None for a single process.
+    """
     from tqdm import tqdm
     stream = stream or sys.stderr
+    comm = comm or Solo()
     bar = None
 
     def log(message):
+        if comm.rank != 0:
+            return
         if bar is not None:
             bar.write(message, file=stream)
         else:
             print(message, file=stream)
 
-    run = Run(cfg, log=log, init_from=init_from, explicit=explicit)
+    run = _start_run(cfg, log, init_from, explicit, comm)
     cfg = run.cfg
     model = run.model
     n_params = model.num_parameters()
     log(f"model: {cfg.n_layer} layers, {cfg.n_head} heads, {cfg.n_embd} wide, block "
         f"{cfg.block_size}, vocab {model.config.vocab_size} ({cfg.tokenizer}): "
-        f"{n_params / 1e6:.2f}M parameters; {_core.get_num_threads()} threads")
+        f"{n_params / 1e6:.2f}M parameters; {_core.get_num_threads()} threads"
+        + (f" per rank" if comm.distributed else ""))
+    if comm.distributed:
+        shares = sorted({batch_share(cfg.batch_size, r, comm.size) for r in range(comm.size)},
+                        reverse=True)
+        log(f"distributed: {comm.size} ranks ({comm.local_size} on this machine), each "
+            f"computing {' or '.join(map(str, shares))} of the {cfg.batch_size} sequences "
+            f"of every step (the global batch is --batch-size)")
     log(f"data: {run.data_info['path']} ({len(run.train_ids):,} train / "
         f"{len(run.val_ids):,} val tokens); out: {cfg.out}")
     tokens_per_step = cfg.batch_size * cfg.block_size
@@ -541,7 +669,8 @@ def train(cfg, init_from=None, explicit=(), progress=None, stream=None):
     interrupted = False
     bar = tqdm(total=cfg.max_iters, initial=min(run.iter, cfg.max_iters), file=stream,
                # progress None: tqdm decides (a bar on a terminal, none in a log file)
-               disable=None if progress is None else not progress,
+               disable=(True if comm.rank != 0 else
+                        None if progress is None else not progress),
                dynamic_ncols=True, unit="it",
                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]")
     window_start, window_tokens = time.perf_counter(), 0
@@ -564,21 +693,24 @@ def train(cfg, init_from=None, explicit=(), progress=None, stream=None):
                 losses = run.estimate_loss()
                 run.elapsed += time.perf_counter() - t_last
                 t_last = time.perf_counter()
-                entry = run.record(losses, get_lr(min(it, cfg.max_iters), cfg), tokens_per_s)
                 run.last_eval_iter = it
                 last_val = losses["val"]
-                log(f"iter {it:5d}: train loss {losses['train']:.4f}, val loss "
-                    f"{losses['val']:.4f}, val {entry['val_bpc']:.3f} bits/char, "
-                    f"{tokens_per_s:,.0f} tokens/s, {run.elapsed:.1f}s")
+                if run.writes:
+                    entry = run.record(losses, get_lr(min(it, cfg.max_iters), cfg),
+                                       tokens_per_s)
+                    log(f"iter {it:5d}: train loss {losses['train']:.4f}, val loss "
+                        f"{losses['val']:.4f}, val {entry['val_bpc']:.3f} bits/char, "
+                        f"{tokens_per_s:,.0f} tokens/s, {run.elapsed:.1f}s")
                 if losses["val"] < run.best_val_loss:
                     run.best_val_loss = losses["val"]
-                    run.save_best(losses["val"])
-                if have_plot:
+                    if run.writes:
+                        run.save_best(losses["val"])
+                if have_plot and run.writes:
                     have_plot = plot_losses(run.metrics_path, os.path.join(cfg.out, "loss.png"))
                 window_start, window_tokens = time.perf_counter(), 0
             if it >= cfg.max_iters:
                 break
-            loss, lr = run.train_step()
+            loss, lr, stopping = run.train_step(stop=stop.requested)
             window_tokens += tokens_per_step
             now = time.perf_counter()
             run.elapsed += now - t_last
@@ -590,7 +722,8 @@ def train(cfg, init_from=None, explicit=(), progress=None, stream=None):
                 bar.update(1)
             if run.iter % cfg.save_interval == 0 and run.iter < cfg.max_iters:
                 run.save_latest()
-            if stop.requested:
+            # (a single process also stops for a Ctrl-C that came during the step)
+            if stopping or (stop.requested and not comm.distributed):
                 interrupted = True
                 break
     run.save_latest()

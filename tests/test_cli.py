@@ -467,10 +467,10 @@ def test_non_finite_loss_exits_3_with_one_line(tmp_path, files, capsys, monkeypa
     from femtogpt import train as train_module
     original = train_module.Run.train_step
 
-    def poisoned(self):
+    def poisoned(self, **kwargs):
         if self.iter == 3:
             self.model.named_views(self.model.params_flat)["transformer.ln_f.bias"][:] = np.nan
-        return original(self)
+        return original(self, **kwargs)
 
     monkeypatch.setattr(train_module.Run, "train_step", poisoned)
     out = str(tmp_path / "nan")

@@ -368,12 +368,12 @@ def test_non_finite_loss_stops_without_overwriting_the_checkpoint(tmp_path, data
     original = Run.train_step
     snapshot = {}
 
-    def poisoned_step(self):
+    def poisoned_step(self, **kwargs):
         if self.iter == 7:
             snapshot["bytes"] = open(path, "rb").read()
             views = self.model.named_views(self.model.params_flat)
             views["transformer.ln_f.bias"][0] = np.inf
-        return original(self)
+        return original(self, **kwargs)
 
     monkeypatch.setattr(Run, "train_step", poisoned_step)
     with pytest.raises(FloatingPointError, match="at iteration 7"):
@@ -391,8 +391,8 @@ def interrupt_after(monkeypatch, k):
     """Ctrl-C (a real SIGINT to this process) right after iteration k's step."""
     original = Run.train_step
 
-    def step(self):
-        result = original(self)
+    def step(self, **kwargs):
+        result = original(self, **kwargs)
         if self.iter == k:
             os.kill(os.getpid(), signal.SIGINT)
         return result

@@ -1,0 +1,193 @@
+"""Data-parallel training over MPI: which rank this is, and the collectives training needs.
+
+    mpiexec -n 2 femtogpt train ...          (the launcher is detected)
+    srun femtogpt train --distributed ...    (any other MPI launcher)
+
+Every rank holds the whole model and optimizer. The global batch stays
+--batch-size: each rank draws its own share of it from its own random stream.
+Each step, after backward, one in-place allreduce sums the model's flat gradient
+block (each rank's gradient pre-weighted by its share of the batch) together
+with a few scalars in the block's tail: the loss and a stop request. Clipping
+and AdamW then run on identical numbers on every rank, so the weights stay
+identical without ever being sent. Rank 0 alone prints, writes metrics and
+checkpoints; evaluation batches are shared out and their losses summed.
+
+A rank that dies is normally noticed by the launcher, which stops the others.
+As a second line of defence, every collective here waits at most `timeout`
+seconds and then raises RankLostError, which the command line turns into a
+message and an MPI abort, so a run never hangs forever.
+"""
+import os
+import time
+
+import numpy as np
+
+from .errors import ConfigError, FemtoGPTError
+
+# Environment variables through which MPI launchers tell a process the job size:
+# Open MPI's mpirun, MPICH's and Intel MPI's Hydra (PMI), MVAPICH2.
+LAUNCHER_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")
+LAUNCHER_RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "MV2_COMM_WORLD_RANK")
+
+INSTALL_HINT = "pip install 'femtogpt[mpi]' (mpi4py and MPICH from PyPI)"
+
+# Slots of the gradient block's tail (model.GRAD_TAIL floats) that a step sends.
+TAIL_LOSS = 0       # this rank's loss times its share of the batch: sums to the mean
+TAIL_STOP = 1       # 1.0 where Ctrl-C was pressed: any rank stopping stops all
+
+
+class RankLostError(FemtoGPTError):
+    """Another rank stopped answering: it died, or it is stuck."""
+
+
+def launched_size():
+    """Ranks the MPI launcher started, read from its environment (1 if none)."""
+    for name in LAUNCHER_SIZE_VARS:
+        value = os.environ.get(name, "")
+        if value.isdigit():
+            return int(value)
+    return 1
+
+
+def launched_rank():
+    """This process's rank as the launcher's environment says (0 if none)."""
+    for name in LAUNCHER_RANK_VARS:
+        value = os.environ.get(name, "")
+        if value.isdigit():
+            return int(value)
+    return 0
+
+
+def batch_share(batch_size, rank, size):
+    """Sequences of the global batch that `rank` computes: an even split, the
+    first batch_size % size ranks taking one more."""
+    return batch_size // size + (1 if rank < batch_size % size else 0)
+
+
+def available_cores():
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+class Solo:
+    """The single-process 'communicator': every collective is the identity."""
+
+    rank = 0
+    size = 1
+    local_size = 1
+    distributed = False
+
+    def allreduce_sum(self, array, what="gradients"):
+        return array
+
+    def gather(self, obj):
+        return [obj]
+
+    def allgather(self, obj):
+        return [obj]
+
+    def abort(self, code):
+        raise SystemExit(code)
+
+
+class MPIComm:
+    """COMM_WORLD through mpi4py, every wait bounded by `timeout` seconds."""
+
+    distributed = True
+
+    def __init__(self, timeout=600.0):
+        try:
+            from mpi4py import MPI
+        except ImportError:
+            raise ConfigError(f"distributed training needs mpi4py and an MPI library: "
+                              f"{INSTALL_HINT}") from None
+        self.MPI = MPI
+        self.comm = MPI.COMM_WORLD
+        self.rank = self.comm.Get_rank()
+        self.size = self.comm.Get_size()
+        local = self.comm.Split_type(MPI.COMM_TYPE_SHARED)
+        self.local_size = local.Get_size()    # ranks sharing this machine's cores
+        local.Free()
+        self.timeout = float(timeout)
+
+    def _wait(self, request, what):
+        # Test() in a loop instead of Wait(), so that a silent peer cannot keep
+        # us here forever. The first few milliseconds spin (a step's collective
+        # usually completes in well under that); after that, short sleeps leave
+        # the core to whatever else runs.
+        if request.Test():
+            return
+        start = time.monotonic()
+        deadline = start + self.timeout
+        while not request.Test():
+            now = time.monotonic()
+            if now > deadline:
+                raise RankLostError(
+                    f"no answer from the other ranks for "
+                    f"{self.timeout:g} s while summing {what} (a rank died or is stuck; "
+                    f"--comm-timeout sets this limit)")
+            if now - start > 0.002:
+                time.sleep(0.0002)
+
+    def allreduce_sum(self, array, what="gradients"):
+        """Sum a contiguous float32/float64 array over all ranks, in place."""
+        request = self.comm.Iallreduce(self.MPI.IN_PLACE, array, op=self.MPI.SUM)
+        self._wait(request, what)
+        return array
+
+    def _bounded_barrier(self, what):
+        self._wait(self.comm.Ibarrier(), what)
+
+    def gather(self, obj):
+        """Rank 0 gets [obj of rank 0, obj of rank 1, ...]; the others get None."""
+        self._bounded_barrier("a checkpoint's random states")
+        return self.comm.gather(obj, root=0)
+
+    def allgather(self, obj):
+        self._bounded_barrier("the start-up check")
+        return self.comm.allgather(obj)
+
+    def abort(self, code):
+        """Stop every rank (after this one printed why)."""
+        self.comm.Abort(code)
+
+
+def connect(distributed, timeout):
+    """The communicator for this process: MPI when asked or when launched by mpiexec."""
+    n = launched_size()
+    if not distributed and n <= 1:
+        return Solo()
+    if not distributed:
+        try:
+            import mpi4py  # noqa: F401
+        except ImportError:
+            raise ConfigError(f"started by an MPI launcher as one of {n} ranks, but mpi4py "
+                              f"is not installed, so the ranks cannot work together: "
+                              f"{INSTALL_HINT}") from None
+    if not (timeout > 0):
+        raise ConfigError(f"--comm-timeout must be positive, got {timeout}")
+    return MPIComm(timeout)
+
+
+def default_threads(comm):
+    """OpenMP threads per rank when --threads is not given: OMP_NUM_THREADS if
+    set, else this machine's cores shared out among the ranks running on it."""
+    if os.environ.get("OMP_NUM_THREADS", "").strip():
+        return 0
+    return max(1, available_cores() // comm.local_size)
+
+
+def rank_dropout_seed(seed, rank):
+    """Each rank's dropout masks must differ (they drop units of different
+    sequences); rank 0 keeps the run's own seed."""
+    if rank == 0:
+        return seed
+    return (seed + rank * 0x5851F42D4C957F2D) % 2**63
+
+
+def fingerprint(array):
+    """A cheap checksum of a float array's bytes, to check the ranks agree."""
+    import zlib
+    return zlib.crc32(np.ascontiguousarray(array).view(np.uint8))
