@@ -87,8 +87,9 @@ def assert_same_training_state(dir_a, dir_b):
     ta, ma = load_checkpoint(os.path.join(dir_a, "ckpt.safetensors"))
     tb, mb = load_checkpoint(os.path.join(dir_b, "ckpt.safetensors"))
     assert_same_tensors(ta, tb)
-    for key in ("iter", "optimizer_step", "best_val_loss", "rng_train", "rng_eval",
-                "dropout_seed", "dropout_calls", "model_config", "tokenizer"):
+    for key in ("iter", "optimizer_step", "best_val_loss", "rng_train", "rng_train_ranks",
+                "world_size", "rng_eval", "dropout_seed", "dropout_calls", "model_config",
+                "tokenizer"):
         assert ma[key] == mb[key], key
     ba, bma = load_checkpoint(os.path.join(dir_a, "best.safetensors"))
     bb, bmb = load_checkpoint(os.path.join(dir_b, "best.safetensors"))
