@@ -13,6 +13,10 @@ What is measured, all in one run:
   * sampling: the baby model, batch 1, 500 new tokens from a 1-token prompt.
   * peak resident memory (RSS) of training each preset.
   * the speed-up from 1 thread to --threads threads on the largest preset.
+  * data-parallel scaling over MPI (when mpi4py and mpiexec are installed,
+    pip install '.[mpi]'): the same preset's real distributed training step
+    (femtogpt.train.Run with its allreduce) with 1 rank and with --threads
+    ranks, one thread each, the global batch unchanged.
   * with --vs-torch: the same model in PyTorch (nanoGPT's code, written out
     compactly below), first checked to compute the same loss from the same
     weights, then timed in alternation with femtogpt.
@@ -514,11 +518,42 @@ def worker_check(spec):
     return result
 
 
+def worker_train_ranks(spec):
+    """One rank of `mpiexec -n N bench.py --worker SPEC`: femtogpt's own
+    distributed step (Run.train_step: its share of the batch, the allreduce,
+    AdamW) on Tiny Shakespeare; rank 0 reports."""
+    import numpy as np
+    import femtogpt
+    from femtogpt.distributed import MPIComm
+    from femtogpt.train import PRESETS, Run
+    from dataclasses import replace
+    comm = MPIComm(timeout=3600)
+    cfg = replace(PRESETS[spec["preset"]], out=spec["out"], threads=1, sample_tokens=0)
+    run = Run(cfg, log=lambda message: None, comm=comm)
+    baseline = rss_now_mb()
+
+    def step(i):
+        t0 = time.perf_counter()
+        run.train_step()
+        return time.perf_counter() - t0
+
+    times = time_steps(step, spec["warmup"], spec["reps"])
+    # Every rank's step ends with the same allreduce: rank 0's times are the job's.
+    peaks = comm.gather(peak_rss_mb())
+    if comm.rank != 0:
+        sys.exit(0)
+    n_no_wpe = run.model.num_parameters() - cfg.block_size * cfg.n_embd
+    bench_cfg = preset_cfg(spec["preset"])
+    return dict(summarise_steps(times, bench_cfg, n_no_wpe, baseline), ranks=comm.size,
+                threads=femtogpt.get_num_threads(), peak_rss_mb_per_rank=peaks)
+
+
 WORKERS = {
     ("sgemm", "numpy"): worker_sgemm, ("sgemm", "torch"): worker_sgemm,
     ("train", "femtogpt"): worker_train_femtogpt, ("train", "torch"): worker_train_torch,
     ("sample", "femtogpt"): worker_sample_femtogpt, ("sample", "torch"): worker_sample_torch,
     ("check", "torch"): worker_check,
+    ("ranks", "femtogpt"): worker_train_ranks,
 }
 
 
@@ -533,14 +568,26 @@ def worker_main(spec_json):
 # Parent side: runs the workers in alternation and reports
 # =============================================================================
 
-def run_worker(spec):
+def find_mpiexec():
+    """mpiexec next to this python (the mpich wheel's) or on PATH, if mpi4py is
+    installed too; else None."""
+    if importlib.util.find_spec("mpi4py") is None:
+        return None
+    for folder in [os.path.dirname(sys.executable)] + os.environ.get("PATH", "").split(os.pathsep):
+        path = os.path.join(folder, "mpiexec")
+        if os.access(path, os.X_OK):
+            return path
+    return None
+
+
+def run_worker(spec, launcher=()):
     """Run one measurement in a fresh interpreter; its result dict, or {"error": ...}."""
     env = dict(os.environ)
     # Every thread pool a worker may touch gets the same count: femtogpt's
     # OpenMP, torch's OpenMP/MKL, numpy's OpenBLAS.
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         env[var] = str(spec["threads"])
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)]
+    cmd = [*launcher, sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -659,6 +706,11 @@ def build_table(res, args):
     if sc:
         row(f"{sc['preset']}: 1 → {th} threads speed-up",
             times(sc.get("femtogpt")), times(sc.get("torch")), "—")
+    rk = res.get("ranks")
+    if rk and not rk.get("skipped"):
+        row(f"{rk['preset']}: 1 → {rk['ranks']} MPI ranks × 1 thread speed-up "
+            f"({fmt(rk['one_rank_ms'], ',.0f')} → {fmt(rk['many_ranks_ms'], ',.0f')} ms/step)",
+            times(rk.get("speedup")), "—", "—")
     ck = res.get("check")
     if ck:
         for name, c in ck.items():
@@ -716,6 +768,30 @@ def build_table(res, args):
     return "\n".join(lines) + "\n"
 
 
+def measure_ranks(args, th, R, reps, warmup):
+    import tempfile
+    name = args.presets[-1] if "small" not in args.presets else "small"
+    mpiexec = find_mpiexec()
+    if mpiexec is None:
+        log("MPI scaling skipped: mpi4py or mpiexec not installed (pip install '.[mpi]')")
+        return {"preset": name, "skipped": "mpi4py or mpiexec not installed"}
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(R):
+            for n in (1, th):
+                log(f"train {name}, {n} MPI rank(s) x 1 thread, round {r + 1}/{R}")
+                spec = {"task": "ranks", "impl": "femtogpt", "threads": 1, "preset": name,
+                        "out": os.path.join(tmp, f"ranks{n}-{r}"),
+                        "warmup": warmup[name], "reps": reps[name]}
+                result = run_worker(spec, launcher=(mpiexec, "-n", str(n)))
+                out.setdefault(n, []).append(result)
+                if "median_ms" in result:
+                    log(f"  {result['median_ms']:,.1f} ms/step ({result['wall_s']:.0f} s)")
+    one, many = median_of(out[1], "median_ms"), median_of(out[th], "median_ms")
+    return {"preset": name, "ranks": th, "one_rank_ms": one, "many_ranks_ms": many,
+            "speedup": ratio(one, many), "runs": {str(k): v for k, v in out.items()}}
+
+
 def parse_args(argv):
     nproc = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -731,7 +807,7 @@ def parse_args(argv):
     ap.add_argument("--vs-torch", action="store_true",
                     help=f"also run the same model in PyTorch ({TORCH_INSTALL_HINT})")
     ap.add_argument("--no-scaling", action="store_true",
-                    help="skip the 1-thread runs behind the thread speed-up row")
+                    help="skip the 1-thread and MPI-rank runs behind the speed-up rows")
     ap.add_argument("--markdown", default="bench.md", help="Markdown report (default bench.md)")
     ap.add_argument("--json", default="bench.json", help="every number (default bench.json)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)    # internal: one measurement
@@ -872,7 +948,11 @@ def main(argv=None):
             sc[f"{impl}_1_thread_ms"] = one
         res["scaling"] = sc
 
-    # 5. Sampling: the baby model, batch 1, from a 1-token prompt.
+    # 5. Data-parallel scaling over MPI: 1 rank, then th ranks, 1 thread each.
+    if th > 1 and not args.no_scaling:
+        res["ranks"] = measure_ranks(args, th, R, reps, warmup)
+
+    # 6. Sampling: the baby model, batch 1, from a 1-token prompt.
     sample = {"cfg": preset_cfg(SAMPLE_PRESET), "runs": {impl: [] for impl in impls}}
     for r in range(R):
         for impl in impls:
