@@ -85,12 +85,6 @@ class Solo:
     def gather(self, obj):
         return [obj]
 
-    def allgather(self, obj):
-        return [obj]
-
-    def abort(self, code):
-        raise SystemExit(code)
-
 
 class MPIComm:
     """COMM_WORLD through mpi4py, every wait bounded by `timeout` seconds."""

@@ -253,11 +253,14 @@ class Run:
                      f"training continues on the new text, so it will not match an "
                      f"uninterrupted run")
         self.metrics = []
-        if self.writes:
-            self._prepare_out_dir(resume)
+        self.resumed = resume
+        if not comm.distributed:
+            self.prepare_out_dir()
+        # (distributed: _start_run does it once every rank has started)
 
-    def _prepare_out_dir(self, resume):
-        out = self.cfg.out
+    def prepare_out_dir(self):
+        """Create --out, or tidy it for a resumed run (rank 0 only)."""
+        out, resume = self.cfg.out, self.resumed
         try:
             os.makedirs(out, exist_ok=True)
         except OSError as err:
@@ -625,6 +628,8 @@ def _start_run(cfg, log, init_from, explicit, comm):
                           f"machines, a shared filesystem)")
         err.agreed = True
         raise err
+    if run.writes:
+        run.prepare_out_dir()
     return run
 
 

@@ -362,6 +362,7 @@ def test_bad_option_is_reported_once_by_every_rank_agreeing(mpiexec, tmp_path):
     assert errors == ["femtogpt: error: --batch-size 1 is smaller than the number of ranks "
                       "(2): every rank needs at least one sequence"], proc.stderr
     assert "Traceback" not in proc.stderr
+    assert not os.path.exists(tmp_path / "run")         # refused: nothing written
 
 
 def test_resume_with_another_number_of_ranks_warns_and_continues(mpiexec, tmp_path,
