@@ -119,7 +119,7 @@ def train_command(args):
     run = train(cfg, init_from=args.init_from, explicit=explicit,
                 progress=None if not args.no_progress else False, comm=comm)
     if run.interrupted:
-        return 130
+        return 128 + run.stop_signal        # 130 for Ctrl-C, 143 for SIGTERM
     if cfg.sample_tokens > 0 and comm.rank == 0:
         model = run.model
         model.eval()

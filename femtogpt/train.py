@@ -569,28 +569,36 @@ def plot_losses(metrics_path, png_path):
     return True
 
 
-class _StopOnSigint:
-    """Ctrl-C sets a flag: the loop finishes its step, saves and exits."""
+class _StopOnSignal:
+    """Ctrl-C (SIGINT) or SIGTERM (`kill`, `timeout`, a batch system's time
+    limit) sets a flag: the loop finishes its step, saves and exits."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
-        self.requested = False
-        self._previous = None
+        self.signum = 0           # the first signal received, 0 for none
+        self._previous = {}
+
+    @property
+    def requested(self):
+        return self.signum != 0
 
     def __enter__(self):
         try:
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        except ValueError:        # not the main thread: leave Ctrl-C alone
-            self._previous = None
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        except ValueError:        # not the main thread: leave the signals alone
+            pass
         return self
 
     def _handle(self, signum, frame):
-        if self.requested:        # a second Ctrl-C stops at once
+        if self.signum:           # a second signal stops at once
             raise KeyboardInterrupt
-        self.requested = True
+        self.signum = signum
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
         return False
 
 
@@ -687,7 +695,7 @@ def train(cfg, init_from=None, explicit=(), progress=None, stream=None, comm=Non
             f"{run.best_val_loss:.4f}); raise --max-iters to train further")
         run.interrupted = False
         return run
-    with _StopOnSigint() as stop:
+    with _StopOnSignal() as stop:
         t_last = time.perf_counter()
         while True:
             it = run.iter
@@ -735,7 +743,11 @@ def train(cfg, init_from=None, explicit=(), progress=None, stream=None, comm=Non
     bar.close()
     bar = None
     if interrupted:
-        log(f"interrupted at iteration {run.iter}: saved {run.latest_path}; "
+        # (a rank that stopped because another one was signalled reports Ctrl-C)
+        run.stop_signal = stop.signum or signal.SIGINT
+        how = ("interrupted" if run.stop_signal == signal.SIGINT else
+               f"stopped by {signal.Signals(run.stop_signal).name}")
+        log(f"{how} at iteration {run.iter}: saved {run.latest_path}; "
             f"run the same command to continue")
         run.interrupted = True
         return run

@@ -616,17 +616,22 @@ def test_sigkill_mid_run_then_same_command_equals_uninterrupted(tmp_path, refere
     assert len(killed_at) >= 2, killed_at
 
 
-def test_ctrl_c_saves_exits_130_and_same_command_finishes_identically(tmp_path, reference_run):
+@pytest.mark.parametrize("signum,status,how", [
+    (signal.SIGINT, 130, "interrupted"),                 # Ctrl-C
+    (signal.SIGTERM, 143, "stopped by SIGTERM"),         # kill, timeout, a job's time limit
+])
+def test_signal_saves_exits_and_same_command_finishes_identically(tmp_path, reference_run,
+                                                                  signum, status, how):
     data, reference = reference_run
     out = str(tmp_path / "interrupted")
     proc = start_and_wait_for_iteration(data, out, 50)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     stdout, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 130, stderr
+    assert proc.returncode == status, stderr
     assert "Traceback" not in stderr
-    lines = [line for line in stderr.splitlines() if line.startswith("interrupted")]
+    lines = [line for line in stderr.splitlines() if line.startswith(how)]
     assert len(lines) == 1, stderr
-    match = re.fullmatch(r"interrupted at iteration (\d+): saved (.+); run the same command "
+    match = re.fullmatch(how + r" at iteration (\d+): saved (.+); run the same command "
                          r"to continue", lines[0])
     assert match, lines[0]
     n = int(match.group(1))
