@@ -299,7 +299,10 @@ def test_rank_killed_mid_run_then_same_command_equals_uninterrupted(mpiexec, tmp
     assert_same_training_state(reference, out)
 
 
-def test_ctrl_c_stops_every_rank_after_the_same_step(mpiexec, tmp_path, two_rank_reference):
+@pytest.mark.parametrize("signum,status,how", [(signal.SIGINT, 130, "interrupted"),
+                                                (signal.SIGTERM, 143, "stopped by SIGTERM")])
+def test_signal_stops_every_rank_after_the_same_step(mpiexec, tmp_path, two_rank_reference,
+                                                     signum, status, how):
     data, reference, _ = two_rank_reference
     out = str(tmp_path / "interrupted")
     proc = subprocess.Popen(ranks_command(mpiexec, 2, "--data", data, "--out", out,
@@ -312,12 +315,12 @@ def test_ctrl_c_stops_every_rank_after_the_same_step(mpiexec, tmp_path, two_rank
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline
         time.sleep(0.003)
-    proc.send_signal(signal.SIGINT)       # mpiexec passes Ctrl-C on to every rank
+    proc.send_signal(signum)              # mpiexec passes it on to every rank
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
-    lines = [line for line in err.splitlines() if line.startswith("interrupted at")]
+    assert proc.returncode == status, err
+    lines = [line for line in err.splitlines() if line.startswith(how + " at")]
     assert len(lines) == 1, err
-    n = int(re.match(r"interrupted at iteration (\d+)", lines[0]).group(1))
+    n = int(re.match(how + r" at iteration (\d+)", lines[0]).group(1))
     assert load_checkpoint(ckpt)[1]["iter"] == n
     resumed = run_ranks(mpiexec, 2, "--data", data, "--out", out, *DIST_FLAGS)
     assert resumed.returncode == 0, resumed.stderr
