@@ -169,11 +169,17 @@ def run_guarded(function, args):
     """
     try:
         return _run_reporting_errors(function, args)
-    except BaseException:
-        if _in_mpi_job(args):
-            import traceback
-            traceback.print_exc()
-            args.comm.abort(1)
+    except BaseException as err:
+        if not _in_mpi_job(args):
+            raise
+        # Here only with --debug, or for an unexpected error.
+        import traceback
+        if getattr(err, "agreed", False):
+            if args.comm.rank == 0:
+                traceback.print_exc()
+            return 3 if isinstance(err, FloatingPointError) else 2
+        traceback.print_exc()
+        args.comm.abort(1)
         raise
 
 
@@ -183,9 +189,13 @@ def _in_mpi_job(args):
 
 
 def _report(args, err, code):
+    from .distributed import launched_rank
     comm = getattr(args, "comm", None)
     if not _in_mpi_job(args):
-        print(f"femtogpt: error: {err}", file=sys.stderr)
+        # (started as several ranks that could not connect, e.g. without mpi4py:
+        # they all meet the same error, and the first says it)
+        if launched_rank() == 0:
+            print(f"femtogpt: error: {err}", file=sys.stderr)
         return code
     if getattr(err, "agreed", False):
         if comm.rank == 0:

@@ -13,11 +13,14 @@ identical without ever being sent. Rank 0 alone prints, writes metrics and
 checkpoints; evaluation batches are shared out and their losses summed.
 
 A rank that dies is normally noticed by the launcher, which stops the others.
-As a second line of defence, every collective here waits at most `timeout`
-seconds and then raises RankLostError, which the command line turns into a
-message and an MPI abort, so a run never hangs forever.
+As a second line of defence, every collective of a step, an evaluation, a
+save or the start-up check waits at most `timeout` seconds and then raises
+RankLostError, which the command line turns into a message and an MPI abort,
+so a run never hangs forever. (Rank 0's own work between collectives, such as
+writing a checkpoint, counts towards the other ranks' wait.)
 """
 import os
+import signal
 import time
 
 import numpy as np
@@ -33,7 +36,9 @@ INSTALL_HINT = "pip install 'femtogpt[mpi]' (mpi4py and MPICH from PyPI)"
 
 # Slots of the gradient block's tail (model.GRAD_TAIL floats) that a step sends.
 TAIL_LOSS = 0       # this rank's loss times its share of the batch: sums to the mean
-TAIL_STOP = 1       # 1.0 where Ctrl-C was pressed: any rank stopping stops all
+# 1.0 on a rank that received the signal: any rank stopping stops all, and every
+# rank knows which signal it was (SIGTERM wins if both came).
+TAIL_STOP_SLOTS = {signal.SIGINT: 1, signal.SIGTERM: 2}
 
 
 class RankLostError(FemtoGPTError):
@@ -79,7 +84,7 @@ class Solo:
     local_size = 1
     distributed = False
 
-    def allreduce_sum(self, array, what="gradients"):
+    def allreduce_sum(self, array, what="the gradient sum"):
         return array
 
     def gather(self, obj):
@@ -119,13 +124,12 @@ class MPIComm:
             now = time.monotonic()
             if now > deadline:
                 raise RankLostError(
-                    f"no answer from the other ranks for "
-                    f"{self.timeout:g} s while summing {what} (a rank died or is stuck; "
-                    f"--comm-timeout sets this limit)")
+                    f"no answer from the other ranks for {self.timeout:g} s, waiting "
+                    f"for {what} (a rank died or is stuck; --comm-timeout sets this limit)")
             if now - start > 0.002:
                 time.sleep(0.0002)
 
-    def allreduce_sum(self, array, what="gradients"):
+    def allreduce_sum(self, array, what="the gradient sum"):
         """Sum a contiguous float32/float64 array over all ranks, in place."""
         request = self.comm.Iallreduce(self.MPI.IN_PLACE, array, op=self.MPI.SUM)
         self._wait(request, what)
@@ -136,7 +140,7 @@ class MPIComm:
 
     def gather(self, obj):
         """Rank 0 gets [obj of rank 0, obj of rank 1, ...]; the others get None."""
-        self._bounded_barrier("a checkpoint's random states")
+        self._bounded_barrier("the checkpoint's random states")
         return self.comm.gather(obj, root=0)
 
     def allgather(self, obj):

@@ -19,7 +19,7 @@ import numpy as np
 from . import _core
 from .checkpoint import (BEST_NAME, LATEST_NAME, load_checkpoint, model_from_checkpoint,
                          model_meta, save_checkpoint, checkpoint_path)
-from .distributed import (TAIL_LOSS, TAIL_STOP, Solo, batch_share, default_threads,
+from .distributed import (TAIL_LOSS, TAIL_STOP_SLOTS, Solo, batch_share, default_threads,
                           fingerprint, rank_dropout_seed)
 from .data import check_split_size, encode_dataset, get_batch, read_text, split_train_val
 from .errors import CheckpointError, ConfigError, DataError, FemtoGPTError
@@ -237,6 +237,9 @@ class Run:
         # and weights its gradient and loss by that share before they are summed.
         self.local_batch = batch_share(cfg.batch_size, comm.rank, comm.size)
         self.share = self.local_batch / cfg.batch_size
+        # Where this rank's rows start in a batch that every rank draws whole (eval).
+        self.batch_offset = sum(batch_share(cfg.batch_size, r, comm.size)
+                                for r in range(comm.rank))
 
         self.train_ids = encode_dataset(train_text, self.tokenizer)
         self.val_ids = encode_dataset(val_text, self.tokenizer)
@@ -370,11 +373,12 @@ class Run:
 
     # -- one step -----------------------------------------------------------------
 
-    def train_step(self, stop=False, batch=None):
+    def train_step(self, stop=0, batch=None):
         """One optimisation step; returns (loss, lr, stop).
 
-        `stop` says Ctrl-C was pressed here; the returned stop is True when it
-        was pressed on any rank, so that every rank stops after the same step.
+        `stop` is the signal (SIGINT, SIGTERM) this rank received, 0 for none;
+        the returned stop is the one received on any rank, so that every rank
+        stops after the same step and reports the same signal.
         `batch` (x, y) replaces the random draw (tests feed chosen samples).
         """
         cfg, model, comm = self.cfg, self.model, self.comm
@@ -392,9 +396,12 @@ class Run:
             tail = model.grads_with_tail[model.grads_flat.size:]
             tail[:] = 0.0
             tail[TAIL_LOSS] = loss * self.share
-            tail[TAIL_STOP] = 1.0 if stop else 0.0
+            if stop:
+                tail[TAIL_STOP_SLOTS[stop]] = 1.0
             comm.allreduce_sum(model.grads_with_tail)
-            loss, stop = float(tail[TAIL_LOSS]), bool(tail[TAIL_STOP] > 0.0)
+            loss = float(tail[TAIL_LOSS])
+            stop = max((signum for signum, slot in TAIL_STOP_SLOTS.items()
+                        if tail[slot] > 0.0), default=0)
         norm = grad_norm(model)
         if not (math.isfinite(loss) and math.isfinite(norm)):
             err = FloatingPointError(
@@ -414,19 +421,20 @@ class Run:
         """Mean loss over eval_iters random batches of each split, dropout off.
 
         Distributed, every rank draws every batch (so the stream stays in step)
-        but computes only every size-th one; one sum gathers the losses, each in
-        its own slot, so the result is the single-process one whatever the size.
+        and computes its own rows of it, as in training, so that no rank ever
+        needs the activations of the whole batch; one sum gathers the losses,
+        weighted by each rank's share.
         """
         cfg, model, comm = self.cfg, self.model, self.comm
+        rows = slice(self.batch_offset, self.batch_offset + self.local_batch)
         model.eval()
         losses = np.zeros((2, cfg.eval_iters))
         for row, (split, ids) in enumerate((("train", self.train_ids),
                                             ("val", self.val_ids))):
             for i in range(cfg.eval_iters):
                 x, y = get_batch(ids, cfg.batch_size, cfg.block_size, self.rng_eval, split)
-                if (row * cfg.eval_iters + i) % comm.size == comm.rank:
-                    losses[row, i] = model.loss(x, y)
-        comm.allreduce_sum(losses, "evaluation losses")
+                losses[row, i] = model.loss(x[rows], y[rows]) * self.share
+        comm.allreduce_sum(losses, "the evaluation sum")
         model.train()
         return {"train": float(np.mean(losses[0])), "val": float(np.mean(losses[1]))}
 
@@ -440,9 +448,18 @@ class Run:
                                      "was kept")
             err.agreed = True       # the weights are the same on every rank
             raise err
-        streams = self.comm.gather(self.rng_train.bit_generator.state)
+        gathered = self.comm.gather((self.rng_train.bit_generator.state,
+                                     fingerprint(self.model.params_flat)
+                                     if self.comm.distributed else 0))
         if not self.writes:
             return
+        streams = [state for state, _ in gathered]
+        prints = [p for _, p in gathered]
+        if any(p != prints[0] for p in prints):
+            bad = next(r for r, p in enumerate(prints) if p != prints[0])
+            raise FemtoGPTError(f"at iteration {self.iter} the weights of rank {bad} differ "
+                                f"from rank 0's (the MPI library's allreduce did not give "
+                                f"every rank the same sum); the last checkpoint was kept")
         tensors = self.model.state_dict()
         tensors.update(self.optimizer.state_tensors())
         meta = model_meta(self.model, self.tokenizer)
@@ -723,7 +740,7 @@ def train(cfg, init_from=None, explicit=(), progress=None, stream=None, comm=Non
                 window_start, window_tokens = time.perf_counter(), 0
             if it >= cfg.max_iters:
                 break
-            loss, lr, stopping = run.train_step(stop=stop.requested)
+            loss, lr, stopping = run.train_step(stop=stop.signum)
             window_tokens += tokens_per_step
             now = time.perf_counter()
             run.elapsed += now - t_last
@@ -738,13 +755,12 @@ def train(cfg, init_from=None, explicit=(), progress=None, stream=None, comm=Non
             # (a single process also stops for a Ctrl-C that came during the step)
             if stopping or (stop.requested and not comm.distributed):
                 interrupted = True
+                run.stop_signal = stopping or stop.signum
                 break
     run.save_latest()
     bar.close()
     bar = None
     if interrupted:
-        # (a rank that stopped because another one was signalled reports Ctrl-C)
-        run.stop_signal = stop.signum or signal.SIGINT
         how = ("interrupted" if run.stop_signal == signal.SIGINT else
                f"stopped by {signal.Signals(run.stop_signal).name}")
         log(f"{how} at iteration {run.iter}: saved {run.latest_path}; "

@@ -14,7 +14,7 @@ import sys
 import numpy as np
 
 from femtogpt.data import get_batch
-from femtogpt.distributed import MPIComm
+from femtogpt.distributed import MPIComm, fingerprint
 from femtogpt.train import Run, TrainConfig
 
 
@@ -33,6 +33,7 @@ def main():
         if step == 0:
             first_grads = run.model.grads_flat.copy()
     batches = comm.gather((np.stack(xs), np.stack(ys)))
+    fingerprints = comm.gather(fingerprint(run.model.params_flat))
     if comm.rank == 0:
         # (steps, B, T): each step's global batch, rank 0's rows first.
         x_all = np.concatenate([b[0] for b in batches], axis=1)
@@ -40,6 +41,7 @@ def main():
         np.savez(out_path, x=x_all, y=y_all, losses=np.array(losses),
                  first_grads=first_grads, params=run.model.params_flat,
                  local_batches=np.array([b[0].shape[1] for b in batches]),
+                 fingerprints=np.array(fingerprints, dtype=np.int64),
                  threads=np.array(__import__("femtogpt").get_num_threads()))
 
 
