@@ -737,11 +737,37 @@ cdef void crossentropy_backward(float* dlogits,
 DEF REDUCE_CHUNK = 8192
 
 
+cdef inline double sum_of_squares_span(const float* x, Py_ssize_t n) noexcept nogil:
+    # Eight running sums in double, updated by look-alike statements that gcc packs
+    # into two 4-wide vectors: a single running sum is one chain of dependent adds
+    # (it made the gradient norm 1% of a baby training step). The order is fixed
+    # by n alone, so the result does not depend on the thread count.
+    cdef double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0
+    cdef double s4 = 0.0, s5 = 0.0, s6 = 0.0, s7 = 0.0
+    cdef double v
+    cdef Py_ssize_t block, i
+    cdef const float* p
+    for block in range(n // 8):
+        p = x + block * 8
+        s0 = s0 + <double>p[0] * p[0]
+        s1 = s1 + <double>p[1] * p[1]
+        s2 = s2 + <double>p[2] * p[2]
+        s3 = s3 + <double>p[3] * p[3]
+        s4 = s4 + <double>p[4] * p[4]
+        s5 = s5 + <double>p[5] * p[5]
+        s6 = s6 + <double>p[6] * p[6]
+        s7 = s7 + <double>p[7] * p[7]
+    for i in range((n // 8) * 8, n):
+        v = x[i]
+        s0 = s0 + v * v
+    return ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
+
+
 cdef double sum_of_squares(const float* x, Py_ssize_t n) noexcept nogil:
     # Fixed chunks summed in a fixed order: the same bits with any thread count.
     cdef Py_ssize_t n_chunks = (n + REDUCE_CHUNK - 1) // REDUCE_CHUNK
     cdef Py_ssize_t chunk, i, i0, i1
-    cdef double total = 0.0, part
+    cdef double total = 0.0
     cdef double stack_partial[1024]
     cdef double* partial = stack_partial
     if n_chunks > 1024:
@@ -757,10 +783,7 @@ cdef double sum_of_squares(const float* x, Py_ssize_t n) noexcept nogil:
         i1 = i0 + REDUCE_CHUNK
         if i1 > n:
             i1 = n
-        part = 0.0
-        for i in range(i0, i1):
-            part = part + <double>x[i] * x[i]
-        partial[chunk] = part
+        partial[chunk] = sum_of_squares_span(x + i0, i1 - i0)
     for chunk in range(n_chunks):
         total += partial[chunk]
     if partial != stack_partial:
