@@ -1525,18 +1525,23 @@ cdef class Graph:
 
     # -- backward -------------------------------------------------------------------
 
-    def backward(self):
-        """Add the last forward's gradients of the mean loss into the grads buffer."""
+    def backward(self, double loss_scale=1.0):
+        """Add the last forward's gradients of loss_scale x the mean loss into the
+        grads buffer (a data-parallel rank passes its share of the global batch)."""
         if not self.has_targets:
             raise RuntimeError("backward() needs a forward() with targets first")
+        if not (loss_scale > 0.0 and loss_scale < float("inf")):
+            raise ValueError(f"loss_scale must be positive and finite, got {loss_scale}")
+        # d(scaled mean loss)/d(each row's loss), rounded once to float32.
+        cdef float dloss = <float>(loss_scale / (<double>self.B * self.T))
         self._acquire()
         try:
             with nogil:
-                self._backward()
+                self._backward(dloss)
         finally:
             self.busy = False
 
-    cdef void _backward(self) noexcept nogil:
+    cdef void _backward(self, float dloss) noexcept nogil:
         # forward() in reverse, line by line. The residual stream's gradient lives
         # in one buffer (dres): the identity path of each residual add costs
         # nothing, and each LayerNorm backward adds its branch's share into it.
@@ -1549,7 +1554,7 @@ cdef class Graph:
         cdef Activations* a = &self.a
         cdef float* res_in
         cdef float* dbranch
-        crossentropy_backward(a.dlogits, a.logits, a.lse, &self.targets[0], 1.0 / N, N, V)
+        crossentropy_backward(a.dlogits, a.logits, a.lse, &self.targets[0], dloss, N, V)
         matmul_backward(a.dln, g.wte, NULL, a.dlogits, a.lnf, w.wte, N, C, V)
         memset(a.dres, 0, NC * sizeof(float))
         layernorm_backward(a.dres, g.lnfw, g.lnfb, a.dln, a.res3 + (self.L - 1) * NC,

@@ -12,6 +12,7 @@ tensors are stacked over layers, (L, ...), and the tensors that get weight decay
 (rank >= 2) come first, so AdamW is one pass with a split index. state_dict()
 names the same memory the way nanoGPT does.
 """
+import math
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
@@ -283,17 +284,22 @@ class GPT:
     def zero_grad(self):
         self.grads_flat[:] = 0.0
 
-    def backward(self, accumulate=False):
+    def backward(self, accumulate=False, loss_scale=1.0):
         """Gradients of the last forward's mean loss: {name: array} like state_dict().
 
         With accumulate=True they are added to the gradients already held
-        (gradient accumulation) and nothing is copied out.
+        (gradient accumulation) and nothing is copied out. loss_scale multiplies
+        the loss whose gradient is taken (a data-parallel rank's share of the
+        global batch), at no extra cost.
         """
         if not self._graph.has_targets:
             raise RuntimeError("backward() needs a forward() with targets first")
+        loss_scale = float(loss_scale)
+        if not (0.0 < loss_scale < math.inf):
+            raise ValueError(f"loss_scale must be positive and finite, got {loss_scale}")
         if not accumulate:
             self.zero_grad()
-        self._graph.backward()
+        self._graph.backward(loss_scale)
         if accumulate:
             return None
         return {name: view.copy() for name, view in self._named_grads.items()}

@@ -387,12 +387,10 @@ class Run:
                               self.rng_train, "train")
         loss = model.loss(*batch)
         model.zero_grad()
-        model.backward(accumulate=True)
+        # The global batch's mean gradient is the sum over ranks of each rank's
+        # mean gradient weighted by its share of the batch (1 in one process).
+        model.backward(accumulate=True, loss_scale=self.share)
         if comm.distributed:
-            # The global batch's mean gradient is the sum over ranks of each
-            # rank's mean gradient weighted by its share of the batch.
-            if self.share != 1.0:
-                model.grads_flat *= np.float32(self.share)
             tail = model.grads_with_tail[model.grads_flat.size:]
             tail[:] = 0.0
             tail[TAIL_LOSS] = loss * self.share

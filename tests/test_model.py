@@ -202,6 +202,23 @@ def test_backward_twice_gives_the_same_gradients_and_accumulate_adds():
         assert_close(doubled[name], 2 * first[name], 1e-6, name)
 
 
+def test_loss_scale_scales_every_gradient():
+    # A power of two scales exactly: each row's dloss is exactly a quarter, and
+    # every later product and sum is a quarter too (no overflow, no denormals).
+    model, idx, targets = small_model_and_batch()
+    model.forward(idx, targets)
+    plain = model.backward()
+    quarter = model.backward(loss_scale=0.25)
+    for name in plain:
+        np.testing.assert_array_equal(quarter[name], plain[name] * np.float32(0.25), name)
+    third = model.backward(loss_scale=1 / 3)
+    for name in plain:
+        assert_close(third[name], plain[name] / 3, 1e-6, name)
+    for bad in (0.0, -1.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match="loss_scale"):
+            model.backward(loss_scale=bad)
+
+
 def test_gradient_accumulation_equals_the_combined_batch():
     # mean over 4 rows == average of the means over two halves
     model, idx, targets = small_model_and_batch(B=4)
