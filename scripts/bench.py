@@ -522,11 +522,10 @@ def worker_train_ranks(spec):
     """One rank of `mpiexec -n N bench.py --worker SPEC`: femtogpt's own
     distributed step (Run.train_step: its share of the batch, the allreduce,
     AdamW) on Tiny Shakespeare; rank 0 reports."""
-    import numpy as np
+    from dataclasses import replace
     import femtogpt
     from femtogpt.distributed import MPIComm
     from femtogpt.train import PRESETS, Run
-    from dataclasses import replace
     comm = MPIComm(timeout=3600)
     cfg = replace(PRESETS[spec["preset"]], out=spec["out"], threads=1, sample_tokens=0)
     run = Run(cfg, log=lambda message: None, comm=comm)

@@ -151,6 +151,22 @@ def run_ranks(mpiexec, n, *args, env=None, timeout=180):
                           cwd=PACKAGE_PARENT, capture_output=True, text=True, timeout=timeout)
 
 
+def start_ranks_and_wait(mpiexec, out, *args, min_iter=0):
+    """Start a 2-rank CLI run writing to out; return (proc, checkpoint path) once
+    its saved training state has reached min_iter (saves are atomic renames:
+    whenever the file exists it is complete)."""
+    proc = subprocess.Popen(ranks_command(mpiexec, 2, "--out", out, *args), env=mpi_env(),
+                            cwd=PACKAGE_PARENT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    ckpt = os.path.join(out, "ckpt.safetensors")
+    deadline = time.monotonic() + 120
+    while not (os.path.exists(ckpt) and load_checkpoint(ckpt)[1]["iter"] >= min_iter):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.003)
+    return proc, ckpt
+
+
 def descendants(pid):
     """Every process below pid (mpiexec -> proxy -> ranks), from /proc."""
     children = {}
@@ -286,15 +302,7 @@ def test_rank_killed_mid_run_then_same_command_equals_uninterrupted(mpiexec, tmp
                                                                    two_rank_reference):
     data, reference, _ = two_rank_reference
     out = str(tmp_path / "killed")
-    command = ranks_command(mpiexec, 2, "--data", data, "--out", out, *DIST_FLAGS)
-    proc = subprocess.Popen(command, env=mpi_env(), cwd=PACKAGE_PARENT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    ckpt = os.path.join(out, "ckpt.safetensors")
-    deadline = time.monotonic() + 120
-    while not (os.path.exists(ckpt) and load_checkpoint(ckpt)[1]["iter"] >= 50):
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline
-        time.sleep(0.003)
+    proc, ckpt = start_ranks_and_wait(mpiexec, out, "--data", data, *DIST_FLAGS, min_iter=50)
     victims = rank_pids(proc)
     assert len(victims) == 2
     os.kill(victims[1], signal.SIGKILL)               # rank 1 (or 0) dies mid-step
@@ -316,16 +324,7 @@ def test_signal_stops_every_rank_after_the_same_step(mpiexec, tmp_path, two_rank
                                                      signum, status, how):
     data, reference, _ = two_rank_reference
     out = str(tmp_path / "interrupted")
-    proc = subprocess.Popen(ranks_command(mpiexec, 2, "--data", data, "--out", out,
-                                          *DIST_FLAGS),
-                            env=mpi_env(), cwd=PACKAGE_PARENT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    ckpt = os.path.join(out, "ckpt.safetensors")
-    deadline = time.monotonic() + 120
-    while not (os.path.exists(ckpt) and load_checkpoint(ckpt)[1]["iter"] >= 50):
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline
-        time.sleep(0.003)
+    proc, ckpt = start_ranks_and_wait(mpiexec, out, "--data", data, *DIST_FLAGS, min_iter=50)
     proc.send_signal(signum)              # mpiexec passes it on to every rank
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == status, err
@@ -342,17 +341,8 @@ def test_signal_to_one_rank_stops_all_with_that_signal(mpiexec, tmp_path):
     # SIGTERM reaches rank 1 alone (a batch system signalling one process): every
     # rank stops after the same step, and rank 0 reports SIGTERM, not Ctrl-C.
     data = write_text(str(tmp_path))
-    out = str(tmp_path / "run")
-    proc = subprocess.Popen(ranks_command(mpiexec, 2, "--data", data, "--out", out,
-                                          *with_flag(DIST_FLAGS, "--max-iters", "100000")),
-                            env=mpi_env(), cwd=PACKAGE_PARENT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    ckpt = os.path.join(out, "ckpt.safetensors")
-    deadline = time.monotonic() + 120
-    while not os.path.exists(ckpt):
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    proc, ckpt = start_ranks_and_wait(mpiexec, str(tmp_path / "run"), "--data", data,
+                                      *with_flag(DIST_FLAGS, "--max-iters", "100000"))
     os.kill(rank_pids(proc)[1], signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err
@@ -364,18 +354,9 @@ def test_signal_to_one_rank_stops_all_with_that_signal(mpiexec, tmp_path):
 
 def test_stuck_rank_stops_the_job_after_the_timeout(mpiexec, tmp_path):
     data = write_text(str(tmp_path))
-    flags = with_flag(DIST_FLAGS, "--max-iters", "100000")
-    proc = subprocess.Popen(ranks_command(mpiexec, 2, "--data", data,
-                                          "--out", str(tmp_path / "run"), "--comm-timeout", "5",
-                                          *flags),
-                            env=mpi_env(), cwd=PACKAGE_PARENT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    ckpt = str(tmp_path / "run" / "ckpt.safetensors")
-    deadline = time.monotonic() + 120
-    while not os.path.exists(ckpt):
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    proc, _ = start_ranks_and_wait(mpiexec, str(tmp_path / "run"), "--data", data,
+                                   "--comm-timeout", "5",
+                                   *with_flag(DIST_FLAGS, "--max-iters", "100000"))
     victims = rank_pids(proc)
     os.kill(victims[1], signal.SIGSTOP)           # alive, but never answers again
     try:
