@@ -31,7 +31,7 @@ Conventions
 
 from cython.parallel cimport prange
 cimport openmp
-from libc.math cimport sqrtf, logf, pow
+from libc.math cimport sqrtf, logf, fabsf, pow
 from libc.stdint cimport uint32_t, uint64_t, int32_t
 from libc.stdlib cimport free, malloc, qsort
 from cpython.mem cimport PyMem_Malloc, PyMem_Free
@@ -204,12 +204,26 @@ cdef void gemm_parallel(bint trans_a, bint trans_b, int M, int N, int K,
 # are plain arithmetic that gcc turns into AVX2/AVX-512 code inside a loop.
 # ---------------------------------------------------------------------------
 
+cdef inline float exp_from_reduced(float r, float t) noexcept nogil:
+    # 2^n * exp(r), |r| <= ln(2)/2, where t = x / ln 2 + 1.5 * 2^23 holds
+    # n = round(x / ln 2) in its low mantissa bits. exp(r) by its degree-6
+    # Taylor polynomial (relative error < 2e-7 on that interval).
+    cdef float poly, scale
+    cdef int32_t bits
+    poly = <float>1.0 + r * (<float>1.0 + r * (<float>0.5 + r * (<float>0.16666667 + r * (
+        <float>0.041666668 + r * (<float>0.008333334 + r * <float>0.0013888889)))))
+    # 2^n from its IEEE-754 bits (memcpy is C's bit cast; it compiles to nothing).
+    memcpy(&bits, &t, 4)
+    bits = (bits - 0x4B400000 + 127) << 23
+    memcpy(&scale, &bits, 4)
+    return poly * scale
+
+
 cdef inline float fast_expf(float x) noexcept nogil:
-    # exp(x) = 2^n * exp(r), n = round(x / ln 2), |r| <= ln(2)/2, exp(r) by its
-    # degree-6 Taylor polynomial (relative error < 2e-7 on that interval).
-    # Written so that gcc vectorises it (with -fno-trapping-math): selects
-    # instead of branches, and rounding by adding 1.5 * 2^23, which leaves
-    # round(x / ln 2) in the low mantissa bits of the sum.
+    # exp(x) = 2^n * exp(r), n = round(x / ln 2). Written so that gcc
+    # vectorises it (with -fno-trapping-math): selects instead of branches, and
+    # rounding by adding 1.5 * 2^23, which leaves round(x / ln 2) in the low
+    # mantissa bits of the sum.
     #
     # Below -70 the result is exactly 0 and above 70 it is exp(70) ~ 2.5e30: no
     # result (and no product of softmax probabilities or sigmoids with ordinary
@@ -217,21 +231,29 @@ cdef inline float fast_expf(float x) noexcept nogil:
     # that touches them, in our loops and in sgemm, many times slower, and a
     # trained model's softmax has probabilities far below 1e-38 otherwise.
     # Terms below e^-70 ~ 4e-31 cannot change a float32 sum of O(1) terms.
-    cdef float t, n, r, poly, scale, clamped
-    cdef int32_t bits
+    cdef float t, n, r, clamped
     clamped = <float>-70.0 if x < <float>-70.0 else x
     clamped = <float>70.0 if clamped > <float>70.0 else clamped
     t = clamped * <float>1.4426950408889634 + <float>12582912.0
     n = t - <float>12582912.0
     r = clamped - n * <float>0.693145751953125  # ln 2 in two parts: r stays exact
     r = r - n * <float>1.428606765330187e-06
-    poly = <float>1.0 + r * (<float>1.0 + r * (<float>0.5 + r * (<float>0.16666667 + r * (
-        <float>0.041666668 + r * (<float>0.008333334 + r * <float>0.0013888889)))))
-    # 2^n from its IEEE-754 bits (memcpy is C's bit cast; it compiles to nothing).
-    memcpy(&bits, &t, 4)
-    bits = (bits - 0x4B400000 + 127) << 23
-    memcpy(&scale, &bits, 4)
-    return <float>0.0 if x < <float>-70.0 else poly * scale
+    return <float>0.0 if x < <float>-70.0 else exp_from_reduced(r, t)
+
+
+cdef inline float fast_exp_sum(float hi, float lo) noexcept nogil:
+    # exp(hi + lo) for a sum that float32 cannot hold exactly (|lo| < 1, hi
+    # <= 0): lo joins the reduced argument, where it is small, instead of
+    # being rounded into hi first (an exponent of -50 has an ulp of 4e-6, a
+    # relative error of 4e-6 in the result). 0 below hi = -70, as fast_expf.
+    cdef float t, n, r, clamped
+    clamped = <float>-70.0 if hi < <float>-70.0 else hi
+    t = (clamped + lo) * <float>1.4426950408889634 + <float>12582912.0
+    n = t - <float>12582912.0
+    r = clamped - n * <float>0.693145751953125
+    r = r - n * <float>1.428606765330187e-06
+    r = r + lo
+    return <float>0.0 if hi < <float>-70.0 else exp_from_reduced(r, t)
 
 
 cdef inline float fast_sigmoidf(float x) noexcept nogil:
@@ -315,8 +337,12 @@ cdef inline void layernorm_row(float* out, float* mean, float* rstd,
         d = x[c] - m
         v += d * d
     s = 1.0 / sqrtf(v / C + LN_EPS)
-    for c in range(C):
-        out[c] = (x[c] - m) * s * w[c] + b[c]
+    if b != NULL:
+        for c in range(C):
+            out[c] = (x[c] - m) * s * w[c] + b[c]
+    else:
+        for c in range(C):
+            out[c] = (x[c] - m) * s * w[c]
     mean[0] = m
     rstd[0] = s
 
@@ -325,6 +351,7 @@ cdef void layernorm_forward(float* out, float* mean, float* rstd,
                             const float* inp, const float* weight, const float* bias,
                             Py_ssize_t N, int C) noexcept nogil:
     # out (N,C), mean (N), rstd (N) = 1/sqrt(var + eps); inp (N,C); weight, bias (C)
+    # bias may be NULL: a LayerNorm without bias (nanoGPT's bias=False)
     cdef Py_ssize_t n
     for n in prange(N, schedule="static"):
         layernorm_row(out + n * C, mean + n, rstd + n, inp + n * C, weight, bias, C)
@@ -352,7 +379,8 @@ cdef void layernorm_backward(float* dinp, float* dweight, float* dbias,
                              const float* mean, const float* rstd,
                              Py_ssize_t N, int C) noexcept nogil:
     # dinp (N,C) += ...  (it is the residual stream's gradient: accumulate)
-    # dweight, dbias (C) += sums over rows, split by channel chunks.
+    # dweight, dbias (C) += sums over rows, split by channel chunks; dbias may
+    # be NULL (no bias).
     cdef Py_ssize_t n, c, chunk, c0, c1
     cdef Py_ssize_t n_chunks = (C + COL_CHUNK - 1) // COL_CHUNK
     cdef const float* x_row
@@ -373,7 +401,9 @@ cdef void layernorm_backward(float* dinp, float* dweight, float* dbias,
             s = rstd[n]
             for c in range(c0, c1):
                 dweight[c] += dout_row[c] * (x_row[c] - m) * s
-                dbias[c] += dout_row[c]
+            if dbias != NULL:
+                for c in range(c0, c1):
+                    dbias[c] += dout_row[c]
 
 
 # --- linear layer (matmul + bias) --------------------------------------------
@@ -504,7 +534,7 @@ cdef void residual_backward(float* da, float* db, const float* dout,
 # 0.5 (1 + tanh(y)) = sigmoid(2y), we compute x * sigmoid(2y): the same function
 # without the cancellation of 1 + tanh(y) for large negative x.
 
-cdef inline void gelu_forward_span(float* out, const float* inp, Py_ssize_t n) noexcept nogil:
+cdef inline void gelu_tanh_forward_span(float* out, const float* inp, Py_ssize_t n) noexcept nogil:
     cdef Py_ssize_t i
     cdef float x, y
     cdef float k2 = 2.0 * 0.7978845608028654, c = 0.044715
@@ -514,7 +544,7 @@ cdef inline void gelu_forward_span(float* out, const float* inp, Py_ssize_t n) n
         out[i] = x * fast_sigmoidf(y)
 
 
-cdef inline void gelu_backward_span(float* dinp, const float* inp, const float* dout,
+cdef inline void gelu_tanh_backward_span(float* dinp, const float* inp, const float* dout,
                                     Py_ssize_t n) noexcept nogil:
     # d/dx [x s(2y)] = s + x s (1 - s) * 2 dy/dx
     cdef Py_ssize_t i
@@ -527,21 +557,124 @@ cdef inline void gelu_backward_span(float* dinp, const float* inp, const float* 
         dinp[i] = dout[i] * (s + x * s * (<float>1.0 - s) * dy)
 
 
-cdef void gelu_forward(float* out, const float* inp, Py_ssize_t n) noexcept nogil:
+cdef void gelu_tanh_forward(float* out, const float* inp, Py_ssize_t n) noexcept nogil:
     cdef Py_ssize_t chunk, start
     for chunk in prange((n + ELEM_CHUNK - 1) // ELEM_CHUNK, schedule="static"):
         start = chunk * ELEM_CHUNK
-        gelu_forward_span(out + start, inp + start, min_size(ELEM_CHUNK, n - start))
+        gelu_tanh_forward_span(out + start, inp + start, min_size(ELEM_CHUNK, n - start))
 
 
-cdef void gelu_backward(float* dinp, const float* inp, const float* dout,
+cdef void gelu_tanh_backward(float* dinp, const float* inp, const float* dout,
                         Py_ssize_t n) noexcept nogil:
     # dinp (n) = gelu'(inp) * dout; dinp may be dout (in place)
     cdef Py_ssize_t chunk, start
     for chunk in prange((n + ELEM_CHUNK - 1) // ELEM_CHUNK, schedule="static"):
         start = chunk * ELEM_CHUNK
-        gelu_backward_span(dinp + start, inp + start, dout + start,
+        gelu_tanh_backward_span(dinp + start, inp + start, dout + start,
                            min_size(ELEM_CHUNK, n - start))
+
+
+# --- GELU, exact form (nanoGPT's nn.GELU()) --------------------------------------
+#
+# gelu(x) = x Phi(x), Phi the standard normal CDF, 0.5 (1 + erf(x / sqrt 2)).
+# In that form it loses its precision for negative x, where erf is close to
+# -1 (Phi(-3) = 0.00135 would keep four significant digits), so the tail is
+# computed directly: Phi(-|x|) = exp(-x^2 / 2) Q(t), t = 1 / (1 + K |x|), and
+# Phi(|x|) = 1 - Phi(-|x|); near 0, Phi(x) = 0.5 + x S(x^2). Q and S are
+# polynomials fitted by scripts/fit_gelu_exact.py. gelu' = Phi(x) + x phi(x),
+# phi(x) = exp(-x^2 / 2) / sqrt(2 pi), shares the exponential.
+
+DEF GELU_SPLIT = 0.7      # |x| below it: the series around 0
+DEF GELU_K = 0.45
+
+
+cdef inline float gauss_exp(float x) noexcept nogil:
+    # exp(-x^2 / 2) to float32 accuracy. x^2 / 2 is up to 70 here, and rounding
+    # it would cost its own relative error times 70 in the result, so it goes
+    # in two parts: x = xh + xl, xh holding x's top 12 bits (xh^2 is exact),
+    # x^2 / 2 = xh^2 / 2 + xl (xh + xl / 2).
+    cdef float xh, xl
+    cdef int32_t bits
+    memcpy(&bits, &x, 4)
+    bits = bits & <int32_t>0xFFFFF000
+    memcpy(&xh, &bits, 4)
+    xl = x - xh
+    return fast_exp_sum(-(xh * xh) * <float>0.5, -(xl * (xh + <float>0.5 * xl)))
+
+
+cdef inline float normal_cdf(float x, float e) noexcept nogil:
+    # Phi(x), given e = gauss_exp(x). Both branches are computed and one is
+    # selected, so that the loops calling this vectorise.
+    cdef float ax = fabsf(x)
+    cdef float t = <float>1.0 / (<float>1.0 + <float>GELU_K * ax)
+    cdef float x2 = x * x
+    cdef float q, s, tail, far, near
+    q = <float>2.022277819e-02
+    q = q * t + <float>-1.573855595e-01
+    q = q * t + <float>4.276087897e-01
+    q = q * t + <float>-5.129497440e-01
+    q = q * t + <float>2.098147373e-01
+    q = q * t + <float>-3.122036393e-03
+    q = q * t + <float>1.585825510e-01
+    q = q * t + <float>1.775050758e-01
+    q = q * t + <float>1.796744638e-01
+    q = q * t + <float>-4.861372510e-06
+    tail = e * q                                  # Phi(-|x|)
+    far = tail if x < <float>0.0 else <float>1.0 - tail
+    s = <float>6.012866565e-07
+    s = s * x2 + <float>-9.403416706e-06
+    s = s * x2 + <float>1.154215718e-04
+    s = s * x2 + <float>-1.187326075e-03
+    s = s * x2 + <float>9.973556844e-03
+    s = s * x2 + <float>-6.649038006e-02
+    s = s * x2 + <float>3.989422804e-01
+    near = <float>0.5 + x * s
+    return near if ax < <float>GELU_SPLIT else far
+
+
+cdef inline void gelu_exact_forward_span(float* out, const float* inp,
+                                         Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t i
+    cdef float x
+    for i in range(n):
+        x = inp[i]
+        out[i] = x * normal_cdf(x, gauss_exp(x))
+
+
+cdef inline void gelu_exact_backward_span(float* dinp, const float* inp, const float* dout,
+                                          Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t i
+    cdef float x, e
+    for i in range(n):
+        x = inp[i]
+        e = gauss_exp(x)
+        dinp[i] = dout[i] * (normal_cdf(x, e) + x * e * <float>0.3989422804014327)
+
+
+cdef void gelu_exact_forward(float* out, const float* inp, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t chunk, start
+    for chunk in prange((n + ELEM_CHUNK - 1) // ELEM_CHUNK, schedule="static"):
+        start = chunk * ELEM_CHUNK
+        gelu_exact_forward_span(out + start, inp + start, min_size(ELEM_CHUNK, n - start))
+
+
+cdef void gelu_exact_backward(float* dinp, const float* inp, const float* dout,
+                              Py_ssize_t n) noexcept nogil:
+    # dinp (n) = gelu'(inp) * dout; dinp may be dout (in place)
+    cdef Py_ssize_t chunk, start
+    for chunk in prange((n + ELEM_CHUNK - 1) // ELEM_CHUNK, schedule="static"):
+        start = chunk * ELEM_CHUNK
+        gelu_exact_backward_span(dinp + start, inp + start, dout + start,
+                                 min_size(ELEM_CHUNK, n - start))
+
+
+cdef inline void gelu_span(float* out, const float* inp, Py_ssize_t n,
+                           bint exact) noexcept nogil:
+    # One thread's GELU of either form (decoding works on one row at a time).
+    if exact:
+        gelu_exact_forward_span(out, inp, n)
+    else:
+        gelu_tanh_forward_span(out, inp, n)
 
 
 # --- causal multi-head self-attention -------------------------------------------
@@ -866,25 +999,35 @@ def py_encoder_backward(float[::1] dwte, float[::1] dwpe, const float[::1] dout,
 def py_layernorm_forward(float[::1] out, float[::1] mean, float[::1] rstd,
                          const float[::1] inp, const float[::1] weight,
                          const float[::1] bias, Py_ssize_t N, int C):
+    # bias None: no bias
+    cdef const float* bias_ptr = NULL
     _need_positive(N=N, C=C)
     for name, arr, size in (("out", out, N * C), ("mean", mean, N), ("rstd", rstd, N),
-                            ("inp", inp, N * C), ("weight", weight, C), ("bias", bias, C)):
+                            ("inp", inp, N * C), ("weight", weight, C)):
         _need(name, arr.shape[0], size)
+    if bias is not None:
+        _need("bias", bias.shape[0], C)
+        bias_ptr = &bias[0]
     with nogil:
-        layernorm_forward(&out[0], &mean[0], &rstd[0], &inp[0], &weight[0], &bias[0], N, C)
+        layernorm_forward(&out[0], &mean[0], &rstd[0], &inp[0], &weight[0], bias_ptr, N, C)
 
 
 def py_layernorm_backward(float[::1] dinp, float[::1] dweight, float[::1] dbias,
                           const float[::1] dout, const float[::1] inp,
                           const float[::1] weight, const float[::1] mean,
                           const float[::1] rstd, Py_ssize_t N, int C):
+    # dbias None: no bias
+    cdef float* dbias_ptr = NULL
     _need_positive(N=N, C=C)
     for name, arr, size in (("dinp", dinp, N * C), ("dweight", dweight, C),
-                            ("dbias", dbias, C), ("dout", dout, N * C), ("inp", inp, N * C),
+                            ("dout", dout, N * C), ("inp", inp, N * C),
                             ("weight", weight, C), ("mean", mean, N), ("rstd", rstd, N)):
         _need(name, arr.shape[0], size)
+    if dbias is not None:
+        _need("dbias", dbias.shape[0], C)
+        dbias_ptr = &dbias[0]
     with nogil:
-        layernorm_backward(&dinp[0], &dweight[0], &dbias[0], &dout[0], &inp[0],
+        layernorm_backward(&dinp[0], &dweight[0], dbias_ptr, &dout[0], &inp[0],
                            &weight[0], &mean[0], &rstd[0], N, C)
 
 
@@ -964,21 +1107,38 @@ def py_attention_backward(float[::1] dqkv, const float[::1] dout, const float[::
                            B, T, C, NH, p, seed, <int>n_slots)
 
 
-def py_gelu_forward(float[::1] out, const float[::1] inp):
+def py_gelu_tanh_forward(float[::1] out, const float[::1] inp):
     _need("out", out.shape[0], inp.shape[0])
     if inp.shape[0] == 0:
         return
     with nogil:
-        gelu_forward(&out[0], &inp[0], inp.shape[0])
+        gelu_tanh_forward(&out[0], &inp[0], inp.shape[0])
 
 
-def py_gelu_backward(float[::1] dinp, const float[::1] inp, const float[::1] dout):
+def py_gelu_tanh_backward(float[::1] dinp, const float[::1] inp, const float[::1] dout):
     _need("dinp", dinp.shape[0], inp.shape[0])
     _need("dout", dout.shape[0], inp.shape[0])
     if inp.shape[0] == 0:
         return
     with nogil:
-        gelu_backward(&dinp[0], &inp[0], &dout[0], inp.shape[0])
+        gelu_tanh_backward(&dinp[0], &inp[0], &dout[0], inp.shape[0])
+
+
+def py_gelu_exact_forward(float[::1] out, const float[::1] inp):
+    _need("out", out.shape[0], inp.shape[0])
+    if inp.shape[0] == 0:
+        return
+    with nogil:
+        gelu_exact_forward(&out[0], &inp[0], inp.shape[0])
+
+
+def py_gelu_exact_backward(float[::1] dinp, const float[::1] inp, const float[::1] dout):
+    _need("dinp", dinp.shape[0], inp.shape[0])
+    _need("dout", dout.shape[0], inp.shape[0])
+    if inp.shape[0] == 0:
+        return
+    with nogil:
+        gelu_exact_backward(&dinp[0], &inp[0], &dout[0], inp.shape[0])
 
 
 def py_residual_forward(float[::1] out, const float[::1] a, const float[::1] b):
@@ -1229,10 +1389,12 @@ def py_sample_token(const float[::1] logits not None, float temperature, int top
 # ---------------------------------------------------------------------------
 
 # The parameter tensors, by the short names model.py's layout table uses. Each
-# per-layer tensor is stacked over layers: (L, ...).
+# per-layer tensor is stacked over layers: (L, ...). A model without biases
+# (nanoGPT's bias=False) has no BIAS_KEYS tensors: their pointers are NULL.
 PARAM_KEYS = ("wte", "wpe", "qkvw", "attprojw", "fcw", "fcprojw",
               "ln1w", "ln1b", "qkvb", "attprojb", "ln2w", "ln2b", "fcb", "fcprojb",
               "lnfw", "lnfb")
+BIAS_KEYS = ("ln1b", "qkvb", "attprojb", "ln2b", "fcb", "fcprojb", "lnfb")
 
 cdef struct Params:
     float* wte        # (V, C)       token embedding, also the lm_head
@@ -1286,6 +1448,83 @@ cdef struct Activations:
     float* att_scratch  # (n_slots, 2, T, T) per-thread attention workspace
 
 
+cdef struct LayerParams:
+    # One layer's slices of the stacked parameters (or of their gradients).
+    float* ln1w       # (C)
+    float* ln1b       # (C) or NULL
+    float* qkvw       # (3C, C)
+    float* qkvb       # (3C) or NULL
+    float* attprojw   # (C, C)
+    float* attprojb   # (C) or NULL
+    float* ln2w       # (C)
+    float* ln2b       # (C) or NULL
+    float* fcw        # (4C, C)
+    float* fcb        # (4C) or NULL
+    float* fcprojw    # (C, 4C)
+    float* fcprojb    # (C) or NULL
+
+
+cdef inline float* layer_slice(float* stacked, Py_ssize_t l, Py_ssize_t size) noexcept nogil:
+    # Layer l's slice of a tensor stacked over layers; NULL stays NULL (no bias).
+    return NULL if stacked == NULL else stacked + l * size
+
+
+cdef inline LayerParams layer_params(Params* p, Py_ssize_t l, Py_ssize_t C) noexcept nogil:
+    cdef LayerParams lp
+    lp.ln1w = layer_slice(p.ln1w, l, C)
+    lp.ln1b = layer_slice(p.ln1b, l, C)
+    lp.qkvw = layer_slice(p.qkvw, l, 3 * C * C)
+    lp.qkvb = layer_slice(p.qkvb, l, 3 * C)
+    lp.attprojw = layer_slice(p.attprojw, l, C * C)
+    lp.attprojb = layer_slice(p.attprojb, l, C)
+    lp.ln2w = layer_slice(p.ln2w, l, C)
+    lp.ln2b = layer_slice(p.ln2b, l, C)
+    lp.fcw = layer_slice(p.fcw, l, 4 * C * C)
+    lp.fcb = layer_slice(p.fcb, l, 4 * C)
+    lp.fcprojw = layer_slice(p.fcprojw, l, 4 * C * C)
+    lp.fcprojb = layer_slice(p.fcprojb, l, C)
+    return lp
+
+
+cdef struct LayerActs:
+    # One layer's slices of the stacked activations (N = B*T rows).
+    float* res_in     # (N, C)       residual stream entering the layer
+    float* ln1        # (N, C)
+    float* ln1_mean   # (N)
+    float* ln1_rstd   # (N)
+    float* qkv        # (N, 3C)
+    float* att        # (B, NH, T, T)
+    float* atty       # (N, C)
+    float* res2       # (N, C)
+    float* ln2        # (N, C)
+    float* ln2_mean   # (N)
+    float* ln2_rstd   # (N)
+    float* fch        # (N, 4C)
+    float* fch_gelu   # (N, 4C)
+    float* res3       # (N, C)       residual stream leaving the layer
+
+
+cdef inline LayerActs layer_acts(Activations* a, Py_ssize_t l, Py_ssize_t N, Py_ssize_t C,
+                                 Py_ssize_t att_size) noexcept nogil:
+    cdef LayerActs la
+    cdef Py_ssize_t NC = N * C
+    la.res_in = a.encoded if l == 0 else a.res3 + (l - 1) * NC
+    la.ln1 = a.ln1 + l * NC
+    la.ln1_mean = a.ln1_mean + l * N
+    la.ln1_rstd = a.ln1_rstd + l * N
+    la.qkv = a.qkv + l * 3 * NC
+    la.att = a.att + l * att_size
+    la.atty = a.atty + l * NC
+    la.res2 = a.res2 + l * NC
+    la.ln2 = a.ln2 + l * NC
+    la.ln2_mean = a.ln2_mean + l * N
+    la.ln2_rstd = a.ln2_rstd + l * N
+    la.fch = a.fch + l * 4 * NC
+    la.fch_gelu = a.fch_gelu + l * 4 * NC
+    la.res3 = a.res3 + l * NC
+    return la
+
+
 cdef inline uint64_t site_seed(uint64_t seed, uint64_t site) noexcept nogil:
     # A separate dropout stream for each place dropout is applied in one step.
     return (<uint64_t>hash_u32(seed, 2 * site) << 32) | hash_u32(seed, 2 * site + 1)
@@ -1298,6 +1537,8 @@ cdef class Graph:
     the Graph owns the activation Buffer, sized for the largest (B, T) seen.
     """
     cdef readonly int V, max_T, L, NH, C
+    cdef readonly bint bias             # Linear and LayerNorm layers have biases
+    cdef readonly bint gelu_exact       # GELU's exact (erf) form, else tanh
     cdef readonly int B, T              # shape of the last forward
     cdef readonly bint has_targets      # last forward had targets: backward is allowed
     cdef readonly double loss
@@ -1325,7 +1566,8 @@ cdef class Graph:
     cdef float* dec_scores    # (maxT)
 
     def __init__(self, int V, int max_T, int L, int NH, int C,
-                 Buffer params not None, Buffer grads not None, dict offsets not None):
+                 Buffer params not None, Buffer grads not None, dict offsets not None,
+                 bint bias=True, bint gelu_exact=False):
         _need_positive(V=V, max_T=max_T, L=L, NH=NH, C=C)
         if C % NH:
             raise ValueError(f"C={C} is not divisible by NH={NH}")
@@ -1338,13 +1580,18 @@ cdef class Graph:
             "ln2w": L_ * C_, "ln2b": L_ * C_, "fcb": L_ * 4 * C_, "fcprojb": L_ * C_,
             "lnfw": C_, "lnfb": C_,
         }
-        for key in PARAM_KEYS:
+        keys = [k for k in PARAM_KEYS if bias or k not in BIAS_KEYS]
+        if set(offsets) != set(keys):
+            raise ValueError(f"offsets must name exactly the {'' if bias else 'bias-free '}"
+                             f"parameters {keys}, got {sorted(offsets)}")
+        for key in keys:
             off = offsets[key]
             if off < 0 or off + sizes[key] > params.size or off + sizes[key] > grads.size:
                 raise ValueError(f"parameter {key} at offset {off} does not fit the buffers")
         if params.size != grads.size:
             raise ValueError("params and grads buffers differ in size")
         self.V, self.max_T, self.L, self.NH, self.C = V, max_T, L, NH, C
+        self.bias, self.gelu_exact = bias, gelu_exact
         self.params_buf, self.grads_buf = params, grads
         self.p = _param_pointers(params.data, offsets)
         self.g = _param_pointers(grads.data, offsets)
@@ -1482,40 +1729,40 @@ cdef class Graph:
         cdef float p = self.dropout
         cdef Params* w = &self.p
         cdef Activations* a = &self.a
-        cdef float* res
+        cdef LayerParams lw
+        cdef LayerActs la
         cdef double total = 0.0
         cdef Py_ssize_t n
         encoder_forward(a.encoded, &self.idx[0], w.wte, w.wpe, B, T, C)
         if p > 0.0:
             dropout_forward(a.encoded, a.encoded, NC, p, site_seed(self.seed, 0))
-        res = a.encoded
         for l in range(self.L):
+            lw = layer_params(w, l, C)
+            la = layer_acts(a, l, N, C, B * NH * <Py_ssize_t>T * T)
             # x = x + dropout(c_proj(attention(ln_1(x))))
-            layernorm_forward(a.ln1 + l * NC, a.ln1_mean + l * N, a.ln1_rstd + l * N,
-                              res, w.ln1w + l * C, w.ln1b + l * C, N, C)
-            matmul_forward(a.qkv + l * 3 * NC, a.ln1 + l * NC,
-                           w.qkvw + l * 3 * C * C, w.qkvb + l * 3 * C, N, C, 3 * C)
-            attention_forward(a.atty + l * NC, a.att + l * B * NH * <Py_ssize_t>T * T,
-                              a.att_scratch, a.qkv + l * 3 * NC, B, T, C, NH,
+            layernorm_forward(la.ln1, la.ln1_mean, la.ln1_rstd, la.res_in, lw.ln1w, lw.ln1b,
+                              N, C)
+            matmul_forward(la.qkv, la.ln1, lw.qkvw, lw.qkvb, N, C, 3 * C)
+            attention_forward(la.atty, la.att, a.att_scratch, la.qkv, B, T, C, NH,
                               p, site_seed(self.seed, 4 * l + 1), self.n_slots)
-            matmul_forward(a.branch, a.atty + l * NC, w.attprojw + l * C * C,
-                           w.attprojb + l * C, N, C, C)
+            matmul_forward(a.branch, la.atty, lw.attprojw, lw.attprojb, N, C, C)
             if p > 0.0:
                 dropout_forward(a.branch, a.branch, NC, p, site_seed(self.seed, 4 * l + 2))
-            residual_forward(a.res2 + l * NC, res, a.branch, NC)
+            residual_forward(la.res2, la.res_in, a.branch, NC)
             # x = x + dropout(c_proj(gelu(c_fc(ln_2(x)))))
-            layernorm_forward(a.ln2 + l * NC, a.ln2_mean + l * N, a.ln2_rstd + l * N,
-                              a.res2 + l * NC, w.ln2w + l * C, w.ln2b + l * C, N, C)
-            matmul_forward(a.fch + l * 4 * NC, a.ln2 + l * NC, w.fcw + l * 4 * C * C,
-                           w.fcb + l * 4 * C, N, C, 4 * C)
-            gelu_forward(a.fch_gelu + l * 4 * NC, a.fch + l * 4 * NC, 4 * NC)
-            matmul_forward(a.branch, a.fch_gelu + l * 4 * NC, w.fcprojw + l * 4 * C * C,
-                           w.fcprojb + l * C, N, 4 * C, C)
+            layernorm_forward(la.ln2, la.ln2_mean, la.ln2_rstd, la.res2, lw.ln2w, lw.ln2b,
+                              N, C)
+            matmul_forward(la.fch, la.ln2, lw.fcw, lw.fcb, N, C, 4 * C)
+            if self.gelu_exact:
+                gelu_exact_forward(la.fch_gelu, la.fch, 4 * NC)
+            else:
+                gelu_tanh_forward(la.fch_gelu, la.fch, 4 * NC)
+            matmul_forward(a.branch, la.fch_gelu, lw.fcprojw, lw.fcprojb, N, 4 * C, C)
             if p > 0.0:
                 dropout_forward(a.branch, a.branch, NC, p, site_seed(self.seed, 4 * l + 3))
-            residual_forward(a.res3 + l * NC, a.res2 + l * NC, a.branch, NC)
-            res = a.res3 + l * NC
-        layernorm_forward(a.lnf, a.lnf_mean, a.lnf_rstd, res, w.lnfw, w.lnfb, N, C)
+            residual_forward(la.res3, la.res2, a.branch, NC)
+        layernorm_forward(a.lnf, a.lnf_mean, a.lnf_rstd, a.res3 + (self.L - 1) * NC,
+                          w.lnfw, w.lnfb, N, C)
         matmul_forward(a.logits, a.lnf, w.wte, NULL, N, C, V)     # lm_head tied to wte
         if with_targets:
             crossentropy_forward(a.losses, a.lse, a.logits, &self.targets[0], N, V)
@@ -1552,7 +1799,8 @@ cdef class Graph:
         cdef Params* w = &self.p
         cdef Params* g = &self.g
         cdef Activations* a = &self.a
-        cdef float* res_in
+        cdef LayerParams lw, lg
+        cdef LayerActs la
         cdef float* dbranch
         crossentropy_backward(a.dlogits, a.logits, a.lse, &self.targets[0], dloss, N, V)
         matmul_backward(a.dln, g.wte, NULL, a.dlogits, a.lnf, w.wte, N, C, V)
@@ -1560,34 +1808,35 @@ cdef class Graph:
         layernorm_backward(a.dres, g.lnfw, g.lnfb, a.dln, a.res3 + (self.L - 1) * NC,
                            w.lnfw, a.lnf_mean, a.lnf_rstd, N, C)
         for l in range(self.L - 1, -1, -1):
-            res_in = a.encoded if l == 0 else a.res3 + (l - 1) * NC
+            lw = layer_params(w, l, C)
+            lg = layer_params(g, l, C)
+            la = layer_acts(a, l, N, C, B * NH * <Py_ssize_t>T * T)
             # mlp branch
             dbranch = a.dres
             if p > 0.0:
                 dropout_backward(a.dbranch, a.dres, NC, p, site_seed(self.seed, 4 * l + 3))
                 dbranch = a.dbranch
-            matmul_backward(a.dfch, g.fcprojw + l * 4 * C * C, g.fcprojb + l * C, dbranch,
-                            a.fch_gelu + l * 4 * NC, w.fcprojw + l * 4 * C * C, N, 4 * C, C)
-            gelu_backward(a.dfch, a.fch + l * 4 * NC, a.dfch, 4 * NC)
-            matmul_backward(a.dln, g.fcw + l * 4 * C * C, g.fcb + l * 4 * C, a.dfch,
-                            a.ln2 + l * NC, w.fcw + l * 4 * C * C, N, C, 4 * C)
-            layernorm_backward(a.dres, g.ln2w + l * C, g.ln2b + l * C, a.dln,
-                               a.res2 + l * NC, w.ln2w + l * C,
-                               a.ln2_mean + l * N, a.ln2_rstd + l * N, N, C)
+            matmul_backward(a.dfch, lg.fcprojw, lg.fcprojb, dbranch, la.fch_gelu, lw.fcprojw,
+                            N, 4 * C, C)
+            if self.gelu_exact:
+                gelu_exact_backward(a.dfch, la.fch, a.dfch, 4 * NC)
+            else:
+                gelu_tanh_backward(a.dfch, la.fch, a.dfch, 4 * NC)
+            matmul_backward(a.dln, lg.fcw, lg.fcb, a.dfch, la.ln2, lw.fcw, N, C, 4 * C)
+            layernorm_backward(a.dres, lg.ln2w, lg.ln2b, a.dln, la.res2, lw.ln2w,
+                               la.ln2_mean, la.ln2_rstd, N, C)
             # attention branch
             dbranch = a.dres
             if p > 0.0:
                 dropout_backward(a.dbranch, a.dres, NC, p, site_seed(self.seed, 4 * l + 2))
                 dbranch = a.dbranch
-            matmul_backward(a.dln, g.attprojw + l * C * C, g.attprojb + l * C, dbranch,
-                            a.atty + l * NC, w.attprojw + l * C * C, N, C, C)
-            attention_backward(a.dqkv, a.att_scratch, a.dln, a.qkv + l * 3 * NC,
-                               a.att + l * B * NH * <Py_ssize_t>T * T, B, T, C, NH,
+            matmul_backward(a.dln, lg.attprojw, lg.attprojb, dbranch, la.atty, lw.attprojw,
+                            N, C, C)
+            attention_backward(a.dqkv, a.att_scratch, a.dln, la.qkv, la.att, B, T, C, NH,
                                p, site_seed(self.seed, 4 * l + 1), self.n_slots)
-            matmul_backward(a.dln, g.qkvw + l * 3 * C * C, g.qkvb + l * 3 * C, a.dqkv,
-                            a.ln1 + l * NC, w.qkvw + l * 3 * C * C, N, C, 3 * C)
-            layernorm_backward(a.dres, g.ln1w + l * C, g.ln1b + l * C, a.dln, res_in,
-                               w.ln1w + l * C, a.ln1_mean + l * N, a.ln1_rstd + l * N, N, C)
+            matmul_backward(a.dln, lg.qkvw, lg.qkvb, a.dqkv, la.ln1, lw.qkvw, N, C, 3 * C)
+            layernorm_backward(a.dres, lg.ln1w, lg.ln1b, a.dln, la.res_in, lw.ln1w,
+                               la.ln1_mean, la.ln1_rstd, N, C)
         if p > 0.0:
             dropout_backward(a.dres, a.dres, NC, p, site_seed(self.seed, 0))
         encoder_backward(g.wte, g.wpe, a.dres, &self.idx[0], B, T, C)
@@ -1637,6 +1886,7 @@ cdef class Graph:
         cdef int B = self.gen_B, C = self.C, NH = self.NH, V = self.V, hs = C // NH
         cdef Py_ssize_t maxT = self.max_T, l, b, h, j, c
         cdef Params* w = &self.p
+        cdef LayerParams lw
         cdef float mean, rstd, scale = 1.0 / sqrtf(hs), mx, total, s
         cdef float* x
         cdef const float* q
@@ -1648,11 +1898,11 @@ cdef class Graph:
             for c in range(C):
                 x[c] = w.wte[<Py_ssize_t>tokens[b] * C + c] + w.wpe[pos * C + c]
         for l in range(self.L):
+            lw = layer_params(w, l, C)
             for b in range(B):
                 layernorm_row(self.dec_ln + b * C, &mean, &rstd, self.dec_x + b * C,
-                              w.ln1w + l * C, w.ln1b + l * C, C)
-            matvec_forward(self.dec_qkv, self.dec_ln, w.qkvw + l * 3 * C * C,
-                           w.qkvb + l * 3 * C, B, C, 3 * C)
+                              lw.ln1w, lw.ln1b, C)
+            matvec_forward(self.dec_qkv, self.dec_ln, lw.qkvw, lw.qkvb, B, C, 3 * C)
             for b in range(B):
                 kc = self.k_cache + (l * B + b) * maxT * C
                 vc = self.v_cache + (l * B + b) * maxT * C
@@ -1678,17 +1928,14 @@ cdef class Graph:
                         s = self.dec_scores[j] / total
                         for c in range(hs):
                             y[c] = y[c] + s * vc[j * C + h * hs + c]
-            matvec_forward(self.dec_branch, self.dec_atty, w.attprojw + l * C * C,
-                           w.attprojb + l * C, B, C, C)
+            matvec_forward(self.dec_branch, self.dec_atty, lw.attprojw, lw.attprojb, B, C, C)
             add_into(self.dec_x, self.dec_branch, <Py_ssize_t>B * C)
             for b in range(B):
                 layernorm_row(self.dec_ln + b * C, &mean, &rstd, self.dec_x + b * C,
-                              w.ln2w + l * C, w.ln2b + l * C, C)
-            matvec_forward(self.dec_fch, self.dec_ln, w.fcw + l * 4 * C * C,
-                           w.fcb + l * 4 * C, B, C, 4 * C)
-            gelu_forward_span(self.dec_fch, self.dec_fch, <Py_ssize_t>B * 4 * C)
-            matvec_forward(self.dec_branch, self.dec_fch, w.fcprojw + l * 4 * C * C,
-                           w.fcprojb + l * C, B, 4 * C, C)
+                              lw.ln2w, lw.ln2b, C)
+            matvec_forward(self.dec_fch, self.dec_ln, lw.fcw, lw.fcb, B, C, 4 * C)
+            gelu_span(self.dec_fch, self.dec_fch, <Py_ssize_t>B * 4 * C, self.gelu_exact)
+            matvec_forward(self.dec_branch, self.dec_fch, lw.fcprojw, lw.fcprojb, B, 4 * C, C)
             add_into(self.dec_x, self.dec_branch, <Py_ssize_t>B * C)
         for b in range(B):
             layernorm_row(self.dec_ln + b * C, &mean, &rstd, self.dec_x + b * C,
@@ -1821,22 +2068,27 @@ cdef inline void _take(float** slot, Py_ssize_t size, float* base,
     used[0] += ((size + ALIGN_FLOATS - 1) // ALIGN_FLOATS) * ALIGN_FLOATS
 
 
+cdef float* _tensor_at(float* base, dict offsets, key):
+    # A tensor missing from offsets (a bias, in a model without them) is NULL.
+    return base + <Py_ssize_t>offsets[key] if key in offsets else NULL
+
+
 cdef Params _param_pointers(float* base, dict offsets):
     cdef Params p
-    p.wte = base + <Py_ssize_t>offsets["wte"]
-    p.wpe = base + <Py_ssize_t>offsets["wpe"]
-    p.qkvw = base + <Py_ssize_t>offsets["qkvw"]
-    p.attprojw = base + <Py_ssize_t>offsets["attprojw"]
-    p.fcw = base + <Py_ssize_t>offsets["fcw"]
-    p.fcprojw = base + <Py_ssize_t>offsets["fcprojw"]
-    p.ln1w = base + <Py_ssize_t>offsets["ln1w"]
-    p.ln1b = base + <Py_ssize_t>offsets["ln1b"]
-    p.qkvb = base + <Py_ssize_t>offsets["qkvb"]
-    p.attprojb = base + <Py_ssize_t>offsets["attprojb"]
-    p.ln2w = base + <Py_ssize_t>offsets["ln2w"]
-    p.ln2b = base + <Py_ssize_t>offsets["ln2b"]
-    p.fcb = base + <Py_ssize_t>offsets["fcb"]
-    p.fcprojb = base + <Py_ssize_t>offsets["fcprojb"]
-    p.lnfw = base + <Py_ssize_t>offsets["lnfw"]
-    p.lnfb = base + <Py_ssize_t>offsets["lnfb"]
+    p.wte = _tensor_at(base, offsets, "wte")
+    p.wpe = _tensor_at(base, offsets, "wpe")
+    p.qkvw = _tensor_at(base, offsets, "qkvw")
+    p.attprojw = _tensor_at(base, offsets, "attprojw")
+    p.fcw = _tensor_at(base, offsets, "fcw")
+    p.fcprojw = _tensor_at(base, offsets, "fcprojw")
+    p.ln1w = _tensor_at(base, offsets, "ln1w")
+    p.ln1b = _tensor_at(base, offsets, "ln1b")
+    p.qkvb = _tensor_at(base, offsets, "qkvb")
+    p.attprojb = _tensor_at(base, offsets, "attprojb")
+    p.ln2w = _tensor_at(base, offsets, "ln2w")
+    p.ln2b = _tensor_at(base, offsets, "ln2b")
+    p.fcb = _tensor_at(base, offsets, "fcb")
+    p.fcprojb = _tensor_at(base, offsets, "fcprojb")
+    p.lnfw = _tensor_at(base, offsets, "lnfw")
+    p.lnfb = _tensor_at(base, offsets, "lnfb")
     return p

@@ -25,6 +25,9 @@ TRAIN_HELP = {
     "n_embd": "embedding width (must be divisible by --n-head)",
     "block_size": "context length in tokens",
     "dropout": "dropout probability while training, in [0, 1)",
+    "bias": "biases in every Linear and LayerNorm layer (GPT-2 has them; nanoGPT's "
+            "train.py trains without)",
+    "gelu": "GELU form: exact (erf, nanoGPT's nn.GELU) or tanh (GPT-2's approximation)",
     "batch_size": "sequences per step",
     "max_iters": "training steps",
     "learning_rate": "peak AdamW learning rate (after warmup)",
@@ -61,6 +64,7 @@ def _preset_defaults(name):
 
 
 def add_train_arguments(parser):
+    from .model import GELU_FORMS
     from .train import PRESETS, TrainConfig
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
                         help="starting point for every option below (default: baby, "
@@ -68,16 +72,25 @@ def add_train_arguments(parser):
                              "femto: femtoGPT's model)")
     for f in fields(TrainConfig):
         kind = f.type if isinstance(f.type, type) else {"int": int, "float": float,
-                                                         "str": str}[f.type]
+                                                         "str": str, "bool": bool}[f.type]
+        if kind is bool:
+            # --bias / --no-bias
+            parser.add_argument(_flag(f.name), dest=f.name, default=None,
+                                action=argparse.BooleanOptionalAction,
+                                help=f"{TRAIN_HELP[f.name]} (default: "
+                                     f"{_preset_defaults(f.name)})")
+            continue
         extra = {}
         if f.name == "tokenizer":
             extra["choices"] = ["char", "byte", "bpe"]
+        elif f.name == "gelu":
+            extra["choices"] = list(GELU_FORMS)
         metavar = {int: "N", float: "X", str: "PATH"}[kind]
         if f.name in ("data",):
             metavar = "FILE"
         elif f.name == "out":
             metavar = "DIR"
-        elif f.name == "tokenizer":
+        elif f.name in ("tokenizer", "gelu"):
             metavar = None
         parser.add_argument(_flag(f.name), dest=f.name, type=kind, default=None,
                             metavar=metavar,

@@ -26,6 +26,9 @@ pin_blas_to_one_thread()
 _ALIGN = 16   # floats per 64-byte cache line: every tensor starts on one
 
 
+GELU_FORMS = ("tanh", "exact")
+
+
 @dataclass
 class GPTConfig:
     vocab_size: int = 65
@@ -34,10 +37,24 @@ class GPTConfig:
     n_head: int = 4
     n_embd: int = 128
     dropout: float = 0.0
+    # GPT-2's model (the defaults) has biases in every Linear and LayerNorm and the
+    # tanh GELU; nanoGPT's train.py trains with bias=False and the exact GELU.
+    bias: bool = True
+    gelu: str = "tanh"        # "tanh" (GPT-2's approximation) or "exact" (erf)
 
     def __post_init__(self):
         for f in fields(self):
             value = getattr(self, f.name)
+            if f.name == "bias":
+                if not isinstance(value, (bool, np.bool_)):
+                    raise ConfigError(f"bias must be True or False, got {value!r}")
+                self.bias = bool(value)
+                continue
+            if f.name == "gelu":
+                if value not in GELU_FORMS:
+                    raise ConfigError(f"gelu must be one of {', '.join(GELU_FORMS)}, "
+                                      f"got {value!r}")
+                continue
             if f.name == "dropout":
                 if isinstance(value, bool) or not isinstance(value, (int, float, np.floating,
                                                                      np.integer)):
@@ -61,8 +78,17 @@ class GPTConfig:
 
 
 def param_layout(cfg):
-    """[(core key, shape, weight decay)] in memory order; per-layer tensors stacked."""
+    """[(core key, shape, weight decay)] in memory order; per-layer tensors stacked.
+
+    Without biases (cfg.bias False) the bias tensors are not in the layout at all:
+    no memory, no state_dict entry, no parameter count.
+    """
     V, T, L, C = cfg.vocab_size, cfg.block_size, cfg.n_layer, cfg.n_embd
+    return [entry for entry in _full_layout(V, T, L, C)
+            if cfg.bias or entry[0] not in _core.BIAS_KEYS]
+
+
+def _full_layout(V, T, L, C):
     return [
         # rank >= 2: weight decay
         ("wte", (V, C), True),
@@ -164,7 +190,8 @@ class GPT:
         self._stacked_grads = self._stacked_views(self.grads_flat, offsets)
         self._graph = _core.Graph(config.vocab_size, config.block_size, config.n_layer,
                                   config.n_head, config.n_embd, self._params, self._grads,
-                                  offsets)
+                                  offsets, bias=config.bias,
+                                  gelu_exact=config.gelu == "exact")
         self._named_params = self._named_views(self._stacked_params)
         self._named_grads = self._named_views(self._stacked_grads)
         self.dropout_seed = int(seed)
@@ -182,9 +209,11 @@ class GPT:
                  "transformer.wpe.weight": stacked["wpe"]}
         for i in range(self.config.n_layer):
             for key in _LAYER_ORDER:
-                views[f"transformer.h.{i}.{_LAYER_NAMES[key]}"] = stacked[key][i]
+                if key in stacked:
+                    views[f"transformer.h.{i}.{_LAYER_NAMES[key]}"] = stacked[key][i]
         views["transformer.ln_f.weight"] = stacked["lnfw"]
-        views["transformer.ln_f.bias"] = stacked["lnfb"]
+        if "lnfb" in stacked:
+            views["transformer.ln_f.bias"] = stacked["lnfb"]
         return views
 
     def named_views(self, flat):

@@ -23,12 +23,12 @@ from .distributed import (TAIL_LOSS, TAIL_STOP_SLOTS, Solo, batch_share, default
                           fingerprint, rank_dropout_seed)
 from .data import check_split_size, encode_dataset, get_batch, read_text, split_train_val
 from .errors import CheckpointError, ConfigError, DataError, FemtoGPTError
-from .model import GPT, GPTConfig
+from .model import GELU_FORMS, GPT, GPTConfig
 from .tokenizer import build_tokenizer
 
 BUNDLED_DATA = os.path.join(os.path.dirname(__file__), "data", "tinyshakespeare.txt")
 
-ARCHITECTURE = ("n_layer", "n_head", "n_embd", "block_size")
+ARCHITECTURE = ("n_layer", "n_head", "n_embd", "block_size", "bias", "gelu")
 
 
 @dataclass
@@ -44,6 +44,8 @@ class TrainConfig:
     n_embd: int = 128
     block_size: int = 64
     dropout: float = 0.0
+    bias: bool = False        # biases in Linear and LayerNorm layers (GPT-2: yes)
+    gelu: str = "exact"       # GELU form: exact (erf, nanoGPT's nn.GELU) or tanh (GPT-2)
     # optimisation
     batch_size: int = 12
     max_iters: int = 2000
@@ -70,6 +72,10 @@ class TrainConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, "
                                   f"got {value!r}")
+        if not isinstance(self.bias, bool):
+            raise ConfigError(f"bias must be True or False, got {self.bias!r}")
+        if self.gelu not in GELU_FORMS:
+            raise ConfigError(f"--gelu must be {' or '.join(GELU_FORMS)}, got {self.gelu!r}")
         if self.tokenizer not in ("char", "byte", "bpe"):
             raise ConfigError(f"--tokenizer must be char, byte or bpe, got {self.tokenizer!r}")
         if not isinstance(self.vocab_size, int) or not 256 <= self.vocab_size <= 65536:
@@ -104,13 +110,15 @@ class TrainConfig:
         return self
 
 
-# nanoGPT's CPU recipe (its README's "baby GPT"), nanoGPT's Shakespeare recipe for
-# a GPU, and femtoGPT's own model size.
+# nanoGPT's CPU recipe (its README's "baby GPT") and its Shakespeare recipe for a
+# GPU, as nanoGPT's train.py runs them (no biases, exact GELU); femtoGPT's own
+# model size, with GPT-2's biases and tanh GELU as before.
 PRESETS = {
     "baby": TrainConfig(),
     "small": TrainConfig(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=64,
                          max_iters=5000, dropout=0.2, eval_iters=200),
-    "femto": TrainConfig(n_layer=4, n_head=4, n_embd=64, block_size=64, batch_size=32),
+    "femto": TrainConfig(n_layer=4, n_head=4, n_embd=64, block_size=64, batch_size=32,
+                         bias=True, gelu="tanh"),
 }
 
 
@@ -217,7 +225,8 @@ class Run:
                 model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size,
                                       block_size=cfg.block_size, n_layer=cfg.n_layer,
                                       n_head=cfg.n_head, n_embd=cfg.n_embd,
-                                      dropout=cfg.dropout), seed=cfg.seed)
+                                      dropout=cfg.dropout, bias=cfg.bias, gelu=cfg.gelu),
+                            seed=cfg.seed)
             self.model, self.tokenizer = model, tokenizer
             self.optimizer = AdamW(model, cfg.beta1, cfg.beta2, weight_decay=cfg.weight_decay)
             self.iter = 0
@@ -680,7 +689,8 @@ def train(cfg, init_from=None, explicit=(), progress=None, stream=None, comm=Non
     model = run.model
     n_params = model.num_parameters()
     log(f"model: {cfg.n_layer} layers, {cfg.n_head} heads, {cfg.n_embd} wide, block "
-        f"{cfg.block_size}, vocab {model.config.vocab_size} ({cfg.tokenizer}): "
+        f"{cfg.block_size}, vocab {model.config.vocab_size} ({cfg.tokenizer}), "
+        f"{'biases' if cfg.bias else 'no biases'}, {cfg.gelu} GELU: "
         f"{n_params / 1e6:.2f}M parameters; {_core.get_num_threads()} threads"
         + (f" per rank" if comm.distributed else ""))
     if comm.distributed:

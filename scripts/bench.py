@@ -20,6 +20,10 @@ What is measured, all in one run:
   * with --vs-torch: the same model in PyTorch (nanoGPT's code, written out
     compactly below), first checked to compute the same loss from the same
     weights, then timed in alternation with femtogpt.
+  * with --vs-nanogpt DIR (a nanoGPT checkout, with torch installed): the
+    default run end to end, as a user types it: `femtogpt train` against the
+    CPU command of nanoGPT's README, alternated, each a whole process (wall
+    time from start to exit, peak RSS, final val loss).
 
 Every (implementation, measurement) runs in its own subprocess
 (`bench.py --worker SPEC`, which prints one JSON line), so that peak RSS belongs
@@ -162,7 +166,8 @@ def worker_sgemm(spec):
 def femto_model(cfg, seed=0):
     from femtogpt import GPT, GPTConfig
     return GPT(GPTConfig(vocab_size=VOCAB, block_size=cfg["block_size"], n_layer=cfg["n_layer"],
-                         n_head=cfg["n_head"], n_embd=cfg["n_embd"], dropout=cfg["dropout"]),
+                         n_head=cfg["n_head"], n_embd=cfg["n_embd"], dropout=cfg["dropout"],
+                         bias=cfg["bias"], gelu=cfg["gelu"]),
                seed=seed)
 
 
@@ -234,9 +239,9 @@ def worker_sample_femtogpt(spec):
 def torch_gpt_class():
     """nanoGPT's GPT (model.py) as a class, importing torch only when called.
 
-    Same parameter names as nanoGPT and femtogpt's state_dict(). One deliberate
-    difference from nanoGPT: GELU uses the tanh approximation (nanoGPT's nn.GELU()
-    is the exact erf form), because that is what femtogpt computes (GPT-2's GELU).
+    Same parameter names as nanoGPT and femtogpt's state_dict(), and the same
+    two options: cfg["bias"] (nanoGPT's bias) and cfg["gelu"], "exact" for
+    nanoGPT's nn.GELU() or "tanh" for GPT-2's approximation.
     """
     import torch
     from torch import nn
@@ -247,8 +252,8 @@ def torch_gpt_class():
             super().__init__()
             C = cfg["n_embd"]
             self.n_head, self.dropout = cfg["n_head"], cfg["dropout"]
-            self.c_attn = nn.Linear(C, 3 * C)          # q, k, v in this order
-            self.c_proj = nn.Linear(C, C)
+            self.c_attn = nn.Linear(C, 3 * C, bias=cfg["bias"])    # q, k, v in this order
+            self.c_proj = nn.Linear(C, C, bias=cfg["bias"])
             self.attn_dropout = nn.Dropout(self.dropout)
             self.resid_dropout = nn.Dropout(self.dropout)
             self.flash = hasattr(F, "scaled_dot_product_attention")
@@ -276,9 +281,9 @@ def torch_gpt_class():
         def __init__(self, cfg):
             super().__init__()
             C = cfg["n_embd"]
-            self.c_fc = nn.Linear(C, 4 * C)
-            self.gelu = nn.GELU(approximate="tanh")    # femtogpt's GELU; nanoGPT: exact
-            self.c_proj = nn.Linear(4 * C, C)
+            self.c_fc = nn.Linear(C, 4 * C, bias=cfg["bias"])
+            self.gelu = nn.GELU(approximate="tanh" if cfg["gelu"] == "tanh" else "none")
+            self.c_proj = nn.Linear(4 * C, C, bias=cfg["bias"])
             self.dropout = nn.Dropout(cfg["dropout"])
 
         def forward(self, x):
@@ -287,9 +292,9 @@ def torch_gpt_class():
     class Block(nn.Module):
         def __init__(self, cfg):
             super().__init__()
-            self.ln_1 = nn.LayerNorm(cfg["n_embd"], eps=1e-5)
+            self.ln_1 = nn.LayerNorm(cfg["n_embd"], eps=1e-5, bias=cfg["bias"])
             self.attn = CausalSelfAttention(cfg)
-            self.ln_2 = nn.LayerNorm(cfg["n_embd"], eps=1e-5)
+            self.ln_2 = nn.LayerNorm(cfg["n_embd"], eps=1e-5, bias=cfg["bias"])
             self.mlp = MLP(cfg)
 
         def forward(self, x):
@@ -306,7 +311,7 @@ def torch_gpt_class():
                 wpe=nn.Embedding(cfg["block_size"], C),
                 drop=nn.Dropout(cfg["dropout"]),
                 h=nn.ModuleList([Block(cfg) for _ in range(cfg["n_layer"])]),
-                ln_f=nn.LayerNorm(C, eps=1e-5),
+                ln_f=nn.LayerNorm(C, eps=1e-5, bias=cfg["bias"]),
             ))
             self.lm_head = nn.Linear(C, VOCAB, bias=False)
             self.transformer.wte.weight = self.lm_head.weight      # weight tying
@@ -610,8 +615,8 @@ def preset_cfg(name):
     so that torch workers need not import femtogpt."""
     from femtogpt.train import PRESETS
     p = PRESETS[name]
-    keys = ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "dropout",
-            "learning_rate", "beta1", "beta2", "weight_decay", "grad_clip", "seed")
+    keys = ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "dropout", "bias",
+            "gelu", "learning_rate", "beta1", "beta2", "weight_decay", "grad_clip", "seed")
     return {k: getattr(p, k) for k in keys}
 
 
@@ -710,6 +715,16 @@ def build_table(res, args):
         row(f"{rk['preset']}: 1 → {rk['ranks']} MPI ranks × 1 thread speed-up "
             f"({fmt(rk['one_rank_ms'], ',.0f')} → {fmt(rk['many_ranks_ms'], ',.0f')} ms/step)",
             times(rk.get("speedup")), "—", "—")
+    ee = res.get("end_to_end")
+    if ee:
+        f, n = ee["femtogpt"], ee["nanogpt"]
+        rows.append(f"| the default run end to end (wall s; val loss at step 2000) | "
+                    f"{fmt(f['wall_s'], '.1f')} s; {fmt(f['val_loss'], '.4f')} | "
+                    f"{fmt(n['wall_s'], '.1f')} s; {fmt(n['val_loss'], '.4f')} (nanoGPT) | "
+                    f"{times(ratio(n['wall_s'], f['wall_s']))} |")
+        rows.append(f"| peak RSS of the default run (MB) | {fmt(f['peak_rss_mb'], ',.0f')} | "
+                    f"{fmt(n['peak_rss_mb'], ',.0f')} (nanoGPT) | "
+                    f"{fmt(ratio(f['peak_rss_mb'], n['peak_rss_mb']), '.2f')} |")
     ck = res.get("check")
     if ck:
         for name, c in ck.items():
@@ -758,9 +773,16 @@ def build_table(res, args):
             f"{worst('max_param_diff_after_step_in_lr'):.1e}·lr and loss difference "
             f"{worst('loss_after_step_abs_diff'):.1e}.")
     if vs:
-        lines.append("The PyTorch model is nanoGPT's, except GELU uses the tanh "
-                     "approximation (as femtogpt); attention is "
+        lines.append("The PyTorch model is nanoGPT's, with each preset's biases and GELU "
+                     "form (femto: biases, tanh; baby and small: nanoGPT's bias=False and "
+                     "exact GELU); attention is "
                      "F.scaled_dot_product_attention(is_causal=True).")
+    if ee:
+        lines.append(
+            f"End to end: `femtogpt train` (its default: the baby preset) and nanoGPT's "
+            f"README CPU command (`{' '.join(NANOGPT_CPU_ARGS)}`), each a whole process from "
+            f"start to exit, alternated over {len(ee['femtogpt']['runs'])} round(s); the "
+            f"ratio is nanoGPT's wall time ÷ femtogpt's (above 1: femtogpt is faster).")
     lines += ["", f"Machine: {m['platform']}, Python {m['python']}, numpy {m['numpy']}, "
               f"scipy {m['scipy']}, torch {m['torch'] or 'not installed'}.",
               f"Command: `{res['command']}`"]
@@ -791,6 +813,110 @@ def measure_ranks(args, th, R, reps, warmup):
             "speedup": ratio(one, many), "runs": {str(k): v for k, v in out.items()}}
 
 
+# --- end to end: the default run against nanoGPT's ------------------------------------
+
+# nanoGPT's README, "I only have a macbook" (its CPU recipe, the baby GPT).
+NANOGPT_CPU_ARGS = ["train.py", "config/train_shakespeare_char.py", "--device=cpu",
+                    "--compile=False", "--eval_iters=20", "--log_interval=1",
+                    "--block_size=64", "--batch_size=12", "--n_layer=4", "--n_head=4",
+                    "--n_embd=128", "--max_iters=2000", "--lr_decay_iters=2000",
+                    "--dropout=0.0"]
+# nanoGPT seeds torch with 1337 (+ a DDP rank offset) and has no option for it:
+# this shim shifts the seed it asks for, so seed 1337 is nanoGPT unchanged.
+NANOGPT_SEED_SHIM = ("import runpy, sys, torch; seed = int(sys.argv.pop(1)); "
+                     "real = torch.manual_seed; "
+                     "torch.manual_seed = lambda s: real(s - 1337 + seed); "
+                     "runpy.run_path(sys.argv[0], run_name='__main__')")
+
+
+def nanogpt_problem(folder):
+    """Why folder cannot run nanoGPT's CPU recipe, or None."""
+    if not os.path.isfile(os.path.join(folder, "train.py")):
+        return f"{folder} is not a nanoGPT checkout (no train.py)"
+    data = os.path.join(folder, "data", "shakespeare_char")
+    if not os.path.isfile(os.path.join(data, "train.bin")):
+        return (f"{data}/train.bin is missing: copy Tiny Shakespeare to {data}/input.txt "
+                f"(femtogpt ships it: femtogpt/data/tinyshakespeare.txt) and run "
+                f"`python prepare.py` there")
+    return None
+
+
+def timed_process(cmd, cwd=None, env=None):
+    """Run cmd to its end: (exit status, stdout, stderr, wall seconds)."""
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    return proc.returncode, proc.stdout, proc.stderr, time.perf_counter() - t0
+
+
+def run_femtogpt_default(seed, out, threads):
+    """`femtogpt train` with only --out (and --seed, unless it is the default)."""
+    cmd = [sys.executable, "-m", "femtogpt.cli", "train", "--out", out, "--no-progress"]
+    if seed != 1337:
+        cmd += ["--seed", str(seed)]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    code, stdout, stderr, wall = timed_process(cmd, env=env)
+    if code != 0:
+        return {"error": f"exit {code}: {stderr[-500:]}"}
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    last = rows[-1]
+    return {"wall_s": wall, "val_loss": last["val_loss"], "iter": last["iter"],
+            "best_val_loss": min(r["val_loss"] for r in rows)}
+
+
+def run_nanogpt(folder, seed, out, threads):
+    """nanoGPT's README CPU command with torch seeded by `seed` (1337: unchanged)."""
+    cmd = [sys.executable, "-c", NANOGPT_SEED_SHIM, str(seed), *NANOGPT_CPU_ARGS,
+           f"--out_dir={out}"]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    code, stdout, stderr, wall = timed_process(cmd, cwd=folder, env=env)
+    if code != 0:
+        return {"error": f"exit {code}: {stderr[-500:]}"}
+    evals = [line for line in stdout.splitlines() if line.startswith("step ")]
+    # "step 2000: train loss 1.7663, val loss 1.8857"
+    last = evals[-1]
+    losses = [float(line.rsplit("val loss", 1)[1]) for line in evals]
+    return {"wall_s": wall, "val_loss": losses[-1], "iter": int(last.split()[1].rstrip(":")),
+            "best_val_loss": min(losses)}
+
+
+def peak_rss_of(function, *args):
+    """function(*args) in a forked child, so that RUSAGE_CHILDREN's peak is its own."""
+    import multiprocessing
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(1) as pool:
+        return pool.apply(_with_child_peak, (function, *args))
+
+
+def _with_child_peak(function, *args):
+    result = function(*args)
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0
+    return result
+
+
+def measure_end_to_end(nanogpt_dir, rounds, threads):
+    import tempfile
+    runs = {"femtogpt": [], "nanogpt": []}
+    with tempfile.TemporaryDirectory(prefix="femtogpt-e2e-") as tmp:
+        for r in range(rounds):
+            for impl in ("femtogpt", "nanogpt"):
+                out = os.path.join(tmp, f"{impl}-{r}")
+                log(f"end to end: {impl}, round {r + 1}/{rounds} (about two minutes)")
+                if impl == "femtogpt":
+                    result = peak_rss_of(run_femtogpt_default, 1337, out, threads)
+                else:
+                    result = peak_rss_of(run_nanogpt, nanogpt_dir, 1337, out, threads)
+                runs[impl].append(result)
+                if "error" in result:
+                    log(f"  failed: {result['error']}")
+                else:
+                    log(f"  {result['wall_s']:.1f} s, val loss {result['val_loss']:.4f}, "
+                        f"peak RSS {result['peak_rss_mb']:,.0f} MB")
+    return {impl: {"wall_s": median_of(rs, "wall_s"), "val_loss": median_of(rs, "val_loss"),
+                   "peak_rss_mb": median_of(rs, "peak_rss_mb"), "runs": rs}
+            for impl, rs in runs.items()}
+
+
 def parse_args(argv):
     nproc = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -805,6 +931,9 @@ def parse_args(argv):
                     help="smoke run: fewer repetitions, one round, no small preset")
     ap.add_argument("--vs-torch", action="store_true",
                     help=f"also run the same model in PyTorch ({TORCH_INSTALL_HINT})")
+    ap.add_argument("--vs-nanogpt", metavar="DIR", default=None,
+                    help="also time the default run end to end against nanoGPT's README CPU "
+                         "command, in this nanoGPT checkout (needs torch)")
     ap.add_argument("--no-scaling", action="store_true",
                     help="skip the 1-thread and MPI-rank runs behind the speed-up rows")
     ap.add_argument("--markdown", default="bench.md", help="Markdown report (default bench.md)")
@@ -833,7 +962,11 @@ def main(argv=None):
     if args.worker:
         return worker_main(args.worker)
 
-    if args.vs_torch and importlib.util.find_spec("torch") is None:
+    if args.vs_nanogpt:
+        problem = nanogpt_problem(args.vs_nanogpt)
+        if problem:
+            sys.exit(f"--vs-nanogpt: {problem}")
+    if (args.vs_torch or args.vs_nanogpt) and importlib.util.find_spec("torch") is None:
         sys.exit(f"--vs-torch needs PyTorch, which is not installed in {sys.executable}.\n"
                  f"Install the CPU build with:  {TORCH_INSTALL_HINT}\n"
                  f"(e.g. pip install torch==2.13.0 --index-url "
@@ -962,6 +1095,10 @@ def main(argv=None):
     for impl in impls:
         sample[impl] = median_of(sample["runs"][impl], "tokens_per_s")
     res["sample"] = sample
+
+    # 7. End to end: the default run against nanoGPT's, whole processes alternated.
+    if args.vs_nanogpt:
+        res["end_to_end"] = measure_end_to_end(args.vs_nanogpt, R, th)
 
     res["machine"]["loadavg_end"] = os.getloadavg()
     res["elapsed_s"] = time.perf_counter() - started

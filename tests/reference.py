@@ -2,8 +2,10 @@
 
 This file is deliberately independent of the `femtogpt` package: the compiled
 kernels are tested against it, so it must not share code with them. It follows
-nanoGPT's GPT exactly (pre-LayerNorm blocks, tanh GELU, weight tying between
-the token embedding and the output head), minus dropout.
+nanoGPT's GPT exactly (pre-LayerNorm blocks, weight tying between the token
+embedding and the output head), minus dropout, in both of nanoGPT's variants:
+with or without biases (a params dict without '.bias' entries has none) and
+with the tanh GELU (GPT-2's) or the exact one (nanoGPT's nn.GELU()).
 
 Conventions used everywhere below:
   B batch, T time (sequence length), C channels (n_embd), H heads,
@@ -17,6 +19,7 @@ import math
 import re
 
 import numpy as np
+from scipy.special import ndtr     # the standard normal CDF, accurate in both tails
 
 LN_EPS = 1e-5
 GELU_SCALE = math.sqrt(2.0 / math.pi)
@@ -61,8 +64,8 @@ def embedding_backward(dout, idx, V, block_size):
 # LayerNorm over the last axis
 # --------------------------------------------------------------------------
 
-def layernorm_forward(x, w, b):
-    """x (..., C), w (C,), b (C,) -> (out (..., C), cache).
+def layernorm_forward(x, w, b=None):
+    """x (..., C), w (C,), b (C,) or None -> (out (..., C), cache).
 
     cache is a dict:
       'x'    the input (..., C)
@@ -71,17 +74,18 @@ def layernorm_forward(x, w, b):
       'rstd' per-row 1 / sqrt(var + 1e-5), shape x.shape[:-1]
              (var is the biased variance: mean of squared deviations)
     """
-    x, w, b = _f64(x), _f64(w), _f64(b)
+    x, w = _f64(x), _f64(w)
     mean = x.mean(axis=-1)
     var = ((x - mean[..., None]) ** 2).mean(axis=-1)
     rstd = 1.0 / np.sqrt(var + LN_EPS)
     xhat = (x - mean[..., None]) * rstd[..., None]
-    out = xhat * w + b
+    out = xhat * w if b is None else xhat * w + _f64(b)
     return out, {"x": x, "w": w, "mean": mean, "rstd": rstd}
 
 
 def layernorm_backward(dout, cache):
-    """dout (..., C) -> (dx (..., C), dw (C,), db (C,))."""
+    """dout (..., C) -> (dx (..., C), dw (C,), db (C,)); db is returned even
+    when the forward had no bias (the caller ignores it)."""
     dout = _f64(dout)
     x, w, mean, rstd = cache["x"], cache["w"], cache["mean"], cache["rstd"]
     xhat = (x - mean[..., None]) * rstd[..., None]
@@ -208,6 +212,22 @@ def gelu_backward(dout, x):
     return dout * local
 
 
+def gelu_exact_forward(x):
+    """x * Phi(x), Phi the standard normal CDF (nanoGPT's nn.GELU()), elementwise."""
+    x = _f64(x)
+    return x * ndtr(x)
+
+
+def gelu_exact_backward(dout, x):
+    """dout, x same shape -> dx: d/dx [x Phi(x)] = Phi(x) + x phi(x)."""
+    dout, x = _f64(dout), _f64(x)
+    density = np.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)
+    return dout * (ndtr(x) + x * density)
+
+
+GELU = {"tanh": (gelu_forward, gelu_backward), "exact": (gelu_exact_forward, gelu_exact_backward)}
+
+
 # --------------------------------------------------------------------------
 # Cross-entropy (mean over tokens, natural log)
 # --------------------------------------------------------------------------
@@ -261,8 +281,9 @@ def adamw_step(p, g, m, v, t, lr, beta1, beta2, eps, weight_decay):
 # The whole GPT
 # --------------------------------------------------------------------------
 
-def param_shapes(V, block_size, n_layer, n_embd):
-    """Name -> shape of every trainable tensor (lm_head is tied to wte)."""
+def param_shapes(V, block_size, n_layer, n_embd, bias=True):
+    """Name -> shape of every trainable tensor (lm_head is tied to wte);
+    bias=False leaves out every '.bias' tensor."""
     C = n_embd
     shapes = {
         "transformer.wte.weight": (V, C),
@@ -280,16 +301,18 @@ def param_shapes(V, block_size, n_layer, n_embd):
         })
     shapes["transformer.ln_f.weight"] = (C,)
     shapes["transformer.ln_f.bias"] = (C,)
+    if not bias:
+        shapes = {k: v for k, v in shapes.items() if not k.endswith(".bias")}
     return shapes
 
 
-def init_params(V, block_size, n_layer, n_head, n_embd, rng):
+def init_params(V, block_size, n_layer, n_head, n_embd, rng, bias=True):
     """Random, deliberately non-trivial float64 parameters for testing
     (not nanoGPT's training init). rng is a numpy Generator."""
     if n_embd % n_head != 0:
         raise ValueError("n_embd must be divisible by n_head")
     params = {}
-    for name, shape in param_shapes(V, block_size, n_layer, n_embd).items():
+    for name, shape in param_shapes(V, block_size, n_layer, n_embd, bias).items():
         if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
             params[name] = 1.0 + rng.normal(0.0, 0.1, shape)
         elif name.endswith(".bias"):
@@ -305,9 +328,10 @@ def _n_layer(params):
     return max(layers) + 1 if layers else 0
 
 
-def gpt_forward(params, idx, targets=None, *, n_head):
-    """params: name -> array (an 'lm_head.weight' alias is ignored);
-    idx (B, T) int with T <= block_size; targets (B, T) int or None.
+def gpt_forward(params, idx, targets=None, *, n_head, gelu="tanh"):
+    """params: name -> array (an 'lm_head.weight' alias is ignored; without
+    '.bias' entries the model has no biases); idx (B, T) int with
+    T <= block_size; targets (B, T) int or None; gelu "tanh" or "exact".
 
     Returns (logits (B, T, V), loss float or None, cache). The cache holds
     every intermediate gpt_backward needs: 'idx', 'targets', 'probs',
@@ -316,6 +340,8 @@ def gpt_forward(params, idx, targets=None, *, n_head):
     'ln2_cache', 'fc', 'gelu').
     """
     P = {k: _f64(v) for k, v in params.items() if k != "lm_head.weight"}
+    bias = P.get     # a missing bias is None: no bias
+    gelu_fwd = GELU[gelu][0]
     idx = np.asarray(idx)
     wte = P["transformer.wte.weight"]
     x = embedding_forward(idx, wte, P["transformer.wpe.weight"])
@@ -324,22 +350,23 @@ def gpt_forward(params, idx, targets=None, *, n_head):
         h = f"transformer.h.{i}."
         c = {}
         # x = x + attn(ln_1(x))
-        c["ln1_out"], c["ln1_cache"] = layernorm_forward(x, P[h + "ln_1.weight"], P[h + "ln_1.bias"])
-        c["qkv"] = linear_forward(c["ln1_out"], P[h + "attn.c_attn.weight"], P[h + "attn.c_attn.bias"])
+        c["ln1_out"], c["ln1_cache"] = layernorm_forward(x, P[h + "ln_1.weight"], bias(h + "ln_1.bias"))
+        c["qkv"] = linear_forward(c["ln1_out"], P[h + "attn.c_attn.weight"], bias(h + "attn.c_attn.bias"))
         c["atty"], c["att"] = attention_forward(c["qkv"], n_head)
-        x = x + linear_forward(c["atty"], P[h + "attn.c_proj.weight"], P[h + "attn.c_proj.bias"])
+        x = x + linear_forward(c["atty"], P[h + "attn.c_proj.weight"], bias(h + "attn.c_proj.bias"))
         # x = x + mlp(ln_2(x))
-        c["ln2_out"], c["ln2_cache"] = layernorm_forward(x, P[h + "ln_2.weight"], P[h + "ln_2.bias"])
-        c["fc"] = linear_forward(c["ln2_out"], P[h + "mlp.c_fc.weight"], P[h + "mlp.c_fc.bias"])
-        c["gelu"] = gelu_forward(c["fc"])
-        x = x + linear_forward(c["gelu"], P[h + "mlp.c_proj.weight"], P[h + "mlp.c_proj.bias"])
+        c["ln2_out"], c["ln2_cache"] = layernorm_forward(x, P[h + "ln_2.weight"], bias(h + "ln_2.bias"))
+        c["fc"] = linear_forward(c["ln2_out"], P[h + "mlp.c_fc.weight"], bias(h + "mlp.c_fc.bias"))
+        c["gelu"] = gelu_fwd(c["fc"])
+        x = x + linear_forward(c["gelu"], P[h + "mlp.c_proj.weight"], bias(h + "mlp.c_proj.bias"))
         layers.append(c)
-    lnf_out, lnf_cache = layernorm_forward(x, P["transformer.ln_f.weight"], P["transformer.ln_f.bias"])
+    lnf_out, lnf_cache = layernorm_forward(x, P["transformer.ln_f.weight"], bias("transformer.ln_f.bias"))
     logits = linear_forward(lnf_out, wte)  # tied lm_head, no bias
     loss = probs = None
     if targets is not None:
         loss, probs = crossentropy_forward(logits, targets)
-    cache = {"idx": idx, "targets": targets, "probs": probs,
+    cache = {"idx": idx, "targets": targets, "probs": probs, "gelu_form": gelu,
+             "bias": "transformer.ln_f.bias" in P,
              "lnf_out": lnf_out, "lnf_cache": lnf_cache, "layers": layers}
     return logits, loss, cache
 
@@ -366,7 +393,7 @@ def gpt_backward(params, cache, *, n_head):
         # also back through the MLP branch.
         dgelu, grads[h + "mlp.c_proj.weight"], grads[h + "mlp.c_proj.bias"] = \
             linear_backward(dx, c["gelu"], P[h + "mlp.c_proj.weight"])
-        dfc = gelu_backward(dgelu, c["fc"])
+        dfc = GELU[cache["gelu_form"]][1](dgelu, c["fc"])
         dln2, grads[h + "mlp.c_fc.weight"], grads[h + "mlp.c_fc.bias"] = \
             linear_backward(dfc, c["ln2_out"], P[h + "mlp.c_fc.weight"])
         dx_branch, grads[h + "ln_2.weight"], grads[h + "ln_2.bias"] = \
@@ -387,4 +414,5 @@ def gpt_backward(params, cache, *, n_head):
     # wte is used twice (embedding lookup and tied lm_head): sum both.
     grads["transformer.wte.weight"] = dwte_emb + dwte_head
     return {name: grads[name] for name in
-            param_shapes(wte.shape[0], wpe.shape[0], len(cache["layers"]), wte.shape[1])}
+            param_shapes(wte.shape[0], wpe.shape[0], len(cache["layers"]), wte.shape[1],
+                         cache["bias"])}

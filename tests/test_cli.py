@@ -92,7 +92,8 @@ class _Sink:
 
 
 TRAIN_OPTIONS = ["--data", "--out", "--preset", "--tokenizer", "--vocab-size", "--n-layer", "--n-head",
-                 "--n-embd", "--block-size", "--dropout", "--batch-size", "--max-iters",
+                 "--n-embd", "--block-size", "--dropout", "--bias", "--no-bias", "--gelu",
+                 "--batch-size", "--max-iters",
                  "--learning-rate", "--min-lr", "--warmup-iters", "--beta1", "--beta2",
                  "--weight-decay", "--grad-clip", "--eval-interval", "--eval-iters",
                  "--save-interval", "--seed", "--threads", "--sample-tokens", "--init-from",
@@ -103,6 +104,8 @@ TRAIN_DEFAULTS = ["(default: baby 4, small 6, femto 4)",          # --n-layer
                   "(default: baby 12, small 64, femto 32)",        # --batch-size
                   "(default: baby 2000, small 5000, femto 2000)",  # --max-iters
                   "(default: baby 0.0, small 0.2, femto 0.0)",     # --dropout
+                  "(default: baby False, small False, femto True)",  # --bias
+                  "(default: baby exact, small exact, femto tanh)",  # --gelu
                   "(default: 0.001)", "(default: 0.0001)", "(default: 100)", "(default: 0.9)",
                   "(default: 0.99)", "(default: 0.1)", "(default: 1.0)", "(default: 250)",
                   "(default: 1337)", "(default: 500)", "(default: out)", "(default: char)"]
@@ -240,8 +243,32 @@ def test_preset_fills_what_the_flags_leave_out(tmp_path):
     assert meta["model_config"]["n_layer"] == 1           # given
     assert meta["model_config"]["n_embd"] == 64           # femto
     assert meta["model_config"]["n_head"] == 4            # femto
+    assert meta["model_config"]["bias"] is True           # femto: femtoGPT's model
+    assert meta["model_config"]["gelu"] == "tanh"
     assert meta["train_config"]["batch_size"] == 32       # femto
     assert meta["train_config"]["eval_iters"] == 1        # given
+
+
+def test_bias_and_gelu_flags_reach_the_model_and_the_checkpoint(tmp_path):
+    data = tmp_path / "data.txt"
+    data.write_text(TEXT, encoding="utf-8")
+    common = ["--data", str(data), "--n-layer", "1", "--n-head", "2", "--n-embd", "16",
+              "--block-size", "8", "--max-iters", "2", "--eval-iters", "1",
+              "--sample-tokens", "0", "--no-progress", "--threads", "1"]
+    shapes = {}
+    for flags in ([], ["--bias", "--gelu", "tanh"], ["--no-bias", "--gelu", "exact"]):
+        out = tmp_path / ("run" + "".join(flags))
+        assert main(["train", *common, "--out", str(out), *flags]) == 0
+        tensors, meta = load_checkpoint(os.path.join(out, "best.safetensors"))
+        mc = meta["model_config"]
+        shapes[tuple(flags)] = (mc["bias"], mc["gelu"],
+                                any(k.endswith(".bias") for k in tensors))
+        model, _ = femtogpt.load(str(out))
+        assert (model.config.bias, model.config.gelu) == (mc["bias"], mc["gelu"])
+    # the default (baby) is nanoGPT's train.py: no biases, exact GELU
+    assert shapes[()] == (False, "exact", False)
+    assert shapes[("--bias", "--gelu", "tanh")] == (True, "tanh", True)
+    assert shapes[("--no-bias", "--gelu", "exact")] == (False, "exact", False)
 
 
 def test_broken_pipe_is_not_an_error(trained):
@@ -469,7 +496,7 @@ def test_non_finite_loss_exits_3_with_one_line(tmp_path, files, capsys, monkeypa
 
     def poisoned(self, **kwargs):
         if self.iter == 3:
-            self.model.named_views(self.model.params_flat)["transformer.ln_f.bias"][:] = np.nan
+            self.model.named_views(self.model.params_flat)["transformer.ln_f.weight"][:] = np.nan
         return original(self, **kwargs)
 
     monkeypatch.setattr(train_module.Run, "train_step", poisoned)

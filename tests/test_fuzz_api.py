@@ -137,7 +137,7 @@ def test_random_sizes_at_the_kernel_wrappers(n, N, C, ids):
                                               np.array(ids, dtype=np.int32), N, C),
         lambda: _core.py_adamw_update(buf(n), buf(n), buf(n), buf(n), N, 1e-3, 0.9, 0.99,
                                       1e-8, 0.1, 1.0, C),
-        lambda: _core.py_gelu_forward(buf(n), buf(N)),
+        lambda: _core.py_gelu_tanh_forward(buf(n), buf(N)),
     ]
     for call in calls:
         try:

@@ -76,6 +76,12 @@ CASES = {
     "odd_sizes": (dict(vocab_size=67, block_size=16, n_layer=2, n_head=3, n_embd=48), (3, 7), "random"),
     "batch_1_full_block": (dict(vocab_size=67, block_size=16, n_layer=2, n_head=3, n_embd=48), (1, 16), "random"),
     "T_1": (dict(vocab_size=67, block_size=16, n_layer=2, n_head=3, n_embd=48), (5, 1), "random"),
+    # nanoGPT's train.py defaults: no biases, exact GELU (and each option alone)
+    "nano_nanogpt_recipe": (dict(NANO, bias=False, gelu="exact"), (12, 64), "perturbed"),
+    "odd_no_bias": (dict(vocab_size=67, block_size=16, n_layer=2, n_head=3, n_embd=48,
+                         bias=False), (3, 7), "random"),
+    "odd_exact_gelu": (dict(vocab_size=67, block_size=16, n_layer=2, n_head=3, n_embd=48,
+                            gelu="exact"), (3, 7), "random"),
 }
 
 
@@ -88,14 +94,16 @@ def reference_case(name):
     rng = np.random.default_rng(sorted(CASES).index(name))
     if weights == "random":
         params = {k: f32(v) for k, v in ref.init_params(
-            cfg.vocab_size, cfg.block_size, cfg.n_layer, cfg.n_head, cfg.n_embd, rng).items()}
+            cfg.vocab_size, cfg.block_size, cfg.n_layer, cfg.n_head, cfg.n_embd, rng,
+            bias=cfg.bias).items()}
     else:
         params = GPT(cfg, seed=0).state_dict()
         if weights == "perturbed":
             params = perturbed(params, rng)
     idx = rng.integers(0, cfg.vocab_size, (B, T))
     targets = rng.integers(0, cfg.vocab_size, (B, T))
-    logits, loss, cache = ref.gpt_forward(params, idx, targets, n_head=cfg.n_head)
+    logits, loss, cache = ref.gpt_forward(params, idx, targets, n_head=cfg.n_head,
+                                          gelu=cfg.gelu)
     grads = ref.gpt_backward(params, cache, n_head=cfg.n_head)
     return cfg, params, idx, targets, logits, loss, grads
 
@@ -355,6 +363,42 @@ def test_state_dict_names_and_shapes_are_nanogpts():
     assert not np.any(model.state_dict()["transformer.wte.weight"] == 5.0)
 
 
+def test_without_biases_the_bias_tensors_do_not_exist():
+    V, block, L, C = 67, 16, 2, 48
+    with_bias = GPT(GPTConfig(vocab_size=V, block_size=block, n_layer=L, n_head=3, n_embd=C))
+    bare = GPT(GPTConfig(vocab_size=V, block_size=block, n_layer=L, n_head=3, n_embd=C,
+                         bias=False))
+    names = list(bare.state_dict())
+    assert names == [k for k in with_bias.state_dict() if not k.endswith(".bias")]
+    assert list(ref.param_shapes(V, block, L, C, bias=False)) == names
+    # per layer: ln_1, c_attn, c_proj, ln_2, c_fc, mlp.c_proj biases; plus ln_f's
+    n_biases = L * (C + 3 * C + C + C + 4 * C + C) + C
+    assert with_bias.num_parameters() - bare.num_parameters() == n_biases
+    # the flat blocks shrink by the biases (and their alignment padding)
+    assert bare.params_flat.size <= with_bias.params_flat.size - n_biases
+    assert list(bare.named_views(bare.params_flat)) == names
+
+
+def test_bias_free_model_equals_the_biased_model_with_zero_biases():
+    # Different kernels run (NULL biases), the arithmetic must not change.
+    kwargs = dict(vocab_size=67, block_size=16, n_layer=2, n_head=3, n_embd=48, gelu="exact")
+    bare = GPT(GPTConfig(bias=False, **kwargs), seed=3)
+    with_bias = GPT(GPTConfig(bias=True, **kwargs), seed=3)
+    zero = {k: (np.zeros_like(v) if k.endswith(".bias") else v)
+            for k, v in with_bias.state_dict().items()}
+    zero.update(bare.state_dict())
+    with_bias.load_state_dict(zero)
+    idx = np.random.default_rng(0).integers(0, 67, (3, 16))
+    l0, loss0 = with_bias.forward(idx, idx)
+    g0 = with_bias.backward()
+    l1, loss1 = bare.forward(idx, idx)
+    g1 = bare.backward()
+    np.testing.assert_array_equal(l0, l1)
+    assert loss0 == loss1
+    for name, grad in g1.items():
+        np.testing.assert_array_equal(grad, g0[name], err_msg=name)
+
+
 def test_load_state_dict_round_trip():
     cfg = small_config()
     src, dst = GPT(cfg, seed=0), GPT(cfg, seed=1)
@@ -484,6 +528,10 @@ CONFIG_ERRORS = [
     (dict(dropout="0.1"), "dropout"),
     (dict(n_embd=128.0), "integer"),
     (dict(n_layer=True), "integer"),
+    (dict(bias=1), "bias"),
+    (dict(bias="False"), "bias"),
+    (dict(gelu="erf"), "gelu"),
+    (dict(gelu=None), "gelu"),
 ]
 
 

@@ -117,6 +117,22 @@ def test_gelu_backward(rng):
     assert_grad_close(ref.gelu_backward(R, x), numerical_grad(f, x))
 
 
+def test_gelu_exact_backward(rng):
+    x = np.concatenate([rng.normal(0, 2, 20), [0.0, 1.0, -1.0, 3.5, -3.5, 8.0, -8.0]])
+    R = rng.normal(size=x.shape)
+    f = lambda: np.sum(ref.gelu_exact_forward(x) * R)
+    assert_grad_close(ref.gelu_exact_backward(R, x), numerical_grad(f, x))
+
+
+def test_gelu_exact_hand_values():
+    # Phi(1) = 0.841344746068543, Phi(-3) = 0.001349898031630095 (tables of the
+    # normal distribution); the tanh form differs from both in the 4th digit.
+    got = ref.gelu_exact_forward(np.array([1.0, -3.0, 0.0]))
+    np.testing.assert_allclose(got, [0.841344746068543, -3 * 0.001349898031630095, 0.0],
+                               rtol=1e-14)
+    assert abs(ref.gelu_forward(np.array([-3.0]))[0] - got[1]) > 1e-4
+
+
 @pytest.mark.parametrize("shape", [(2, 3, 7), (5, 4), (1, 1, 3)])
 def test_crossentropy_backward(rng, shape):
     logits = rng.normal(0, 2, shape)
@@ -176,19 +192,19 @@ def test_checker_rejects_wrong_gradients(rng):
 
 # ---------------------------------------------------------------- whole model gradients
 
-def _check_model_grads(V, block, L, H, C, B, T, seed, per_tensor=5):
+def _check_model_grads(V, block, L, H, C, B, T, seed, per_tensor=5, bias=True, gelu="tanh"):
     rng = np.random.default_rng(seed)
-    params = ref.init_params(V, block, L, H, C, rng)
+    params = ref.init_params(V, block, L, H, C, rng, bias=bias)
     idx = rng.integers(0, V, (B, T))
     targets = rng.integers(0, V, (B, T))
-    _, loss, cache = ref.gpt_forward(params, idx, targets, n_head=H)
+    _, loss, cache = ref.gpt_forward(params, idx, targets, n_head=H, gelu=gelu)
     grads = ref.gpt_backward(params, cache, n_head=H)
 
-    expected = ref.param_shapes(V, block, L, C)
+    expected = ref.param_shapes(V, block, L, C, bias)
     assert list(grads) == list(expected)
     assert {k: g.shape for k, g in grads.items()} == expected
 
-    f = lambda: ref.gpt_forward(params, idx, targets, n_head=H)[1]
+    f = lambda: ref.gpt_forward(params, idx, targets, n_head=H, gelu=gelu)[1]
     for name, p in params.items():
         entries = random_entries(rng, p.shape, per_tensor)
         if name == "transformer.wte.weight":
@@ -201,6 +217,30 @@ def _check_model_grads(V, block, L, H, C, B, T, seed, per_tensor=5):
 
 def test_model_grads_tiny():
     _check_model_grads(V=7, block=5, L=2, H=2, C=6, B=2, T=4, seed=0)
+
+
+@pytest.mark.parametrize("bias,gelu", [(False, "exact"), (False, "tanh"), (True, "exact")])
+def test_model_grads_nanogpt_variants(bias, gelu):
+    params, _, grads = _check_model_grads(V=7, block=5, L=2, H=2, C=6, B=2, T=4, seed=7,
+                                          bias=bias, gelu=gelu)
+    assert any(k.endswith(".bias") for k in params) == bias
+
+
+def test_no_bias_model_is_the_biased_model_with_zero_biases(rng):
+    V, block, L, H, C = 7, 5, 2, 2, 6
+    params = ref.init_params(V, block, L, H, C, rng)
+    zeroed = {k: (np.zeros_like(v) if k.endswith(".bias") else v) for k, v in params.items()}
+    bare = {k: v for k, v in params.items() if not k.endswith(".bias")}
+    idx, tgt = rng.integers(0, V, (2, 4)), rng.integers(0, V, (2, 4))
+    for gelu in ("tanh", "exact"):
+        logits0, loss0, cache0 = ref.gpt_forward(zeroed, idx, tgt, n_head=H, gelu=gelu)
+        logits1, loss1, cache1 = ref.gpt_forward(bare, idx, tgt, n_head=H, gelu=gelu)
+        np.testing.assert_array_equal(logits0, logits1)
+        g0 = ref.gpt_backward(zeroed, cache0, n_head=H)
+        g1 = ref.gpt_backward(bare, cache1, n_head=H)
+        assert set(g1) == set(bare)
+        for name in g1:
+            np.testing.assert_array_equal(g0[name], g1[name])
 
 
 def test_model_grads_full_block():

@@ -30,9 +30,10 @@ def _one_thread():
     femtogpt.set_num_threads(saved)
 
 
-def perturbed_model(vocab_size=V, block_size=BLOCK, n_layer=2, n_head=2, n_embd=16, seed=1):
+def perturbed_model(vocab_size=V, block_size=BLOCK, n_layer=2, n_head=2, n_embd=16, seed=1,
+                    **options):
     model = GPT(GPTConfig(vocab_size=vocab_size, block_size=block_size, n_layer=n_layer,
-                          n_head=n_head, n_embd=n_embd), seed=0)
+                          n_head=n_head, n_embd=n_embd, **options), seed=0)
     rng = np.random.default_rng(seed)
     model.load_state_dict({
         name: value + rng.standard_normal(value.shape).astype(np.float32)
@@ -291,7 +292,10 @@ def test_generate_rejects_bad_arguments(model):
 # --------------------------------------------------------------------------- KV cache
 
 
-def test_kv_cache_logits_equal_full_forward(model):
+@pytest.mark.parametrize("options", [{}, dict(bias=False, gelu="exact")],
+                         ids=["gpt2", "nanogpt"])
+def test_kv_cache_logits_equal_full_forward(options):
+    model = perturbed_model(**options)
     idx = np.random.default_rng(8).integers(0, V, size=(2, BLOCK))
     full = model.forward(idx)[0]
     for t0 in (1, 3):

@@ -26,7 +26,7 @@ import femtogpt
 from femtogpt import _core
 from femtogpt import checkpoint as checkpoint_module
 from femtogpt import train as train_module
-from femtogpt.checkpoint import load_checkpoint
+from femtogpt.checkpoint import load_checkpoint, save_checkpoint
 from femtogpt.errors import CheckpointError, ConfigError
 from femtogpt.train import AdamW, Run, TrainConfig, get_lr, grad_norm, train
 
@@ -286,7 +286,8 @@ def test_checkpoint_holds_the_whole_training_state(tmp_path, data_file):
     assert meta["train_config"] == asdict(run.cfg)
     assert meta["train_config"]["max_iters"] == 12
     assert meta["model_config"] == {"vocab_size": len(VOCAB), "block_size": 8, "n_layer": 1,
-                                    "n_head": 2, "n_embd": 16, "dropout": 0.0}
+                                    "n_head": 2, "n_embd": 16, "dropout": 0.0,
+                                    "bias": False, "gelu": "exact"}
     assert meta["tokenizer"] == {"type": "char", "chars": "".join(VOCAB)}
     rows = metrics(cfg.out)
     assert meta["best_val_loss"] == min(r["val_loss"] for r in rows)
@@ -355,8 +356,9 @@ def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, data_file, mon
     assert meta["iter"] == 5
     assert load_checkpoint(os.path.join(cfg.out, "best.safetensors"))[1]["iter"] == 0
     # No half-written temp file is left behind next to them.
-    assert sorted(os.listdir(cfg.out)) == ["best.safetensors", "ckpt.safetensors",
-                                           "metrics.jsonl"]
+    # (loss.png too, where matplotlib is installed)
+    assert sorted(set(os.listdir(cfg.out)) - {"loss.png"}) == [
+        "best.safetensors", "ckpt.safetensors", "metrics.jsonl"]
     # ...and the run continues from the intact state.
     monkeypatch.setattr(checkpoint_module, "_write_durably", real_write)
     assert quiet_train(cfg).iter == 20
@@ -373,7 +375,7 @@ def test_non_finite_loss_stops_without_overwriting_the_checkpoint(tmp_path, data
         if self.iter == 7:
             snapshot["bytes"] = open(path, "rb").read()
             views = self.model.named_views(self.model.params_flat)
-            views["transformer.ln_f.bias"][0] = np.inf
+            views["transformer.ln_f.weight"][0] = np.inf
         return original(self, **kwargs)
 
     monkeypatch.setattr(Run, "train_step", poisoned_step)
@@ -477,6 +479,40 @@ def test_resume_with_other_architecture_flag_is_refused(tmp_path, data_file):
                       explicit={"max_iters"})
     assert (run.cfg.n_embd, run.cfg.n_head, run.model.config.n_embd) == (16, 2, 16)
     assert run.iter == 10
+
+
+@pytest.mark.parametrize("flag,value,word", [("bias", True, "bias=False"),
+                                              ("gelu", "tanh", "gelu=exact")])
+def test_resume_refuses_another_bias_or_gelu(tmp_path, data_file, flag, value, word):
+    quiet_train(tiny(tmp_path, data_file, max_iters=5))
+    with pytest.raises(ConfigError, match=word):
+        quiet_train(tiny(tmp_path, data_file, max_iters=10, **{flag: value}),
+                    explicit={"max_iters", flag})
+    # not given: the saved model's form continues
+    run = quiet_train(tiny(tmp_path, data_file, max_iters=10, **{flag: value}),
+                      explicit={"max_iters"})
+    assert (run.model.config.bias, run.model.config.gelu) == (False, "exact")
+    assert run.iter == 10
+
+
+def test_checkpoint_from_before_the_bias_and_gelu_options_loads_as_trained(tmp_path,
+                                                                          data_file):
+    # Checkpoints written before these fields existed were GPT-2-shaped: biases
+    # and the tanh GELU. One with the fields removed must load (and resume) so.
+    run = quiet_train(tiny(tmp_path, data_file, max_iters=5, bias=True, gelu="tanh"))
+    for name in ("ckpt.safetensors", "best.safetensors"):
+        path = os.path.join(run.cfg.out, name)
+        tensors, meta = load_checkpoint(path)
+        for key in ("bias", "gelu"):
+            del meta["model_config"][key]
+            meta.get("train_config", {}).pop(key, None)
+        save_checkpoint(path, tensors, meta)
+    model, _ = femtogpt.load(run.cfg.out)
+    assert (model.config.bias, model.config.gelu) == (True, "tanh")
+    idx = np.array([[1, 2, 3]])
+    np.testing.assert_array_equal(model.forward(idx)[0], run.model.eval().forward(idx)[0])
+    resumed = quiet_train(tiny(tmp_path, data_file, max_iters=8), explicit={"max_iters"})
+    assert (resumed.cfg.bias, resumed.cfg.gelu) == (True, "tanh") and resumed.iter == 8
 
 
 def test_resume_refuses_another_tokenizer(tmp_path, data_file):
