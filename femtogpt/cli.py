@@ -169,7 +169,29 @@ def build_parser():
     add_sample_arguments(p_sample)
     p_sample.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                           help="show the full traceback on errors")
+    p_verify = sub.add_parser(
+        "verify", help="check that a run's checkpoints are intact",
+        description="Read every checkpoint of a run (or one checkpoint file, or a Hugging "
+                    "Face model folder) and check every tensor against its digest. Writes "
+                    "nothing. Exit status: 0 if everything is intact, 1 if anything is "
+                    "damaged.")
+    p_verify.add_argument("path", metavar="RUN_OR_FILE",
+                          help="a run directory, a checkpoint file or a Hugging Face folder")
+    p_verify.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                          help="show the full traceback on errors")
     return parser
+
+
+def verify_command(args):
+    from .verify import DAMAGED, verify
+    report = verify(args.path)
+    for file, status, detail in report:
+        print(f"{status:10s} {file}: {detail}")
+    damaged = sum(status == DAMAGED for _, status, _ in report)
+    if damaged:
+        print(f"{damaged} of {len(report)} file(s) damaged", file=sys.stderr)
+        return 1
+    return 0
 
 
 def run_guarded(function, args):
@@ -245,14 +267,31 @@ def _run_reporting_errors(function, args):
         return 130
 
 
+def _show_notes():
+    """femtogpt's warnings (an unverifiable old checkpoint...) as one-line notes."""
+    import warnings
+    from .errors import UnverifiedCheckpointWarning
+    default = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, UnverifiedCheckpointWarning):
+            print(f"femtogpt: note: {message}", file=sys.stderr)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+
+
 def main(argv=None):
+    _show_notes()
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
     from .sample import sample_command
-    command = {"train": train_command, "sample": sample_command}[args.command]
+    command = {"train": train_command, "sample": sample_command,
+               "verify": verify_command}[args.command]
     return run_guarded(command, args)
 
 

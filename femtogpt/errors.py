@@ -26,3 +26,7 @@ class TokenizerError(FemtoGPTError, ValueError):
 
 class CheckpointError(FemtoGPTError, ValueError):
     """A checkpoint file is missing, truncated, corrupt or incompatible."""
+
+
+class UnverifiedCheckpointWarning(UserWarning):
+    """A checkpoint from before digests loaded: damage to it cannot be detected."""

@@ -241,6 +241,12 @@ class GPT:
     def num_parameters(self):
         return sum(v.size for v in self._named_params.values())
 
+    def state_views(self):
+        """{nanoGPT name: view into the model's own memory}: what saving and
+        loading a checkpoint read and write directly (no copy). Writing into a
+        view changes the model."""
+        return dict(self._named_params)
+
     def state_dict(self):
         """{nanoGPT name: float32 array}, copies (the model keeps its own memory)."""
         return {name: view.copy() for name, view in self._named_params.items()}

@@ -17,8 +17,8 @@ from dataclasses import asdict, dataclass, fields, replace
 import numpy as np
 
 from . import _core
-from .checkpoint import (BEST_NAME, LATEST_NAME, load_checkpoint, model_from_checkpoint,
-                         model_meta, save_checkpoint, checkpoint_path)
+from .checkpoint import (BEST_NAME, LATEST_NAME, TensorFile, checkpoint_path, model_from_file,
+                         model_meta, read_tensors_into, save_checkpoint)
 from .distributed import (TAIL_LOSS, TAIL_STOP_SLOTS, Solo, batch_share, default_threads,
                           fingerprint, rank_dropout_seed)
 from .data import check_split_size, encode_dataset, get_batch, read_text, split_train_val
@@ -156,22 +156,17 @@ class AdamW:
                               m.n_decay, lr, self.beta1, self.beta2, self.eps,
                               self.weight_decay, grad_scale, self.step_count)
 
-    def state_tensors(self):
-        named_m = self.model.named_views(self.exp_avg)
-        named_v = self.model.named_views(self.exp_avg_sq)
-        tensors = {f"optimizer.exp_avg.{k}": v.copy() for k, v in named_m.items()}
-        tensors.update({f"optimizer.exp_avg_sq.{k}": v.copy() for k, v in named_v.items()})
-        return tensors
-
-    def load_state_tensors(self, tensors, path):
+    def state_views(self):
+        """{checkpoint name: view of the moments' own memory} (saved without a copy)."""
+        views = {}
         for prefix, flat in (("optimizer.exp_avg.", self.exp_avg),
                              ("optimizer.exp_avg_sq.", self.exp_avg_sq)):
-            for name, view in self.model.named_views(flat).items():
-                value = tensors.get(prefix + name)
-                if value is None or value.shape != view.shape or value.dtype != np.float32:
-                    raise CheckpointError(f"{path}: optimizer tensor {prefix + name} is "
-                                          "missing or has the wrong shape/dtype")
-                view[...] = value
+            views.update({prefix + k: v for k, v in self.model.named_views(flat).items()})
+        return views
+
+    def load_from(self, f):
+        """Read the moments from an open checkpoint straight into their blocks."""
+        read_tensors_into(f, self.state_views(), "")
 
 
 def grad_norm(model):
@@ -290,8 +285,8 @@ class Run:
 
     def _init_from(self, source, explicit):
         file = checkpoint_path(source, BEST_NAME)
-        tensors, meta = load_checkpoint(file)
-        model, tokenizer = model_from_checkpoint(file, tensors, meta)
+        with TensorFile(file) as f:
+            model, tokenizer = model_from_file(f)
         mc = model.config
         for name in ARCHITECTURE:
             if name in explicit and getattr(self.cfg, name) != getattr(mc, name):
@@ -315,10 +310,15 @@ class Run:
         return model, tokenizer
 
     def _resume(self, explicit):
-        tensors, meta = load_checkpoint(self.latest_path)
-        if meta.get("kind") != "train_state":
-            raise CheckpointError(f"{self.latest_path} is not a training state")
-        model, tokenizer = model_from_checkpoint(self.latest_path, tensors, meta)
+        with TensorFile(self.latest_path) as f:
+            meta = f.meta
+            if meta.get("kind") != "train_state":
+                raise CheckpointError(f"{self.latest_path} is not a training state")
+            model, tokenizer = model_from_file(f)
+            self._resume_state(explicit, f, model, tokenizer)
+
+    def _resume_state(self, explicit, ckpt, model, tokenizer):
+        meta = ckpt.meta
         saved = meta.get("train_config", {})
         mc = model.config
         for name in ARCHITECTURE:
@@ -345,7 +345,7 @@ class Run:
         self.model, self.tokenizer = model, tokenizer
         self.optimizer = AdamW(model, self.cfg.beta1, self.cfg.beta2,
                                weight_decay=self.cfg.weight_decay)
-        self.optimizer.load_state_tensors(tensors, self.latest_path)
+        self.optimizer.load_from(ckpt)
         try:
             self.optimizer.step_count = int(meta["optimizer_step"])
             self.iter = int(meta["iter"])
@@ -467,8 +467,9 @@ class Run:
             raise FemtoGPTError(f"at iteration {self.iter} the weights of rank {bad} differ "
                                 f"from rank 0's (the MPI library's allreduce did not give "
                                 f"every rank the same sum); the last checkpoint was kept")
-        tensors = self.model.state_dict()
-        tensors.update(self.optimizer.state_tensors())
+        # Views, not copies: the tensors go from the model's memory to the file.
+        tensors = self.model.state_views()
+        tensors.update(self.optimizer.state_views())
         meta = model_meta(self.model, self.tokenizer)
         meta.update({
             "kind": "train_state",
@@ -492,7 +493,7 @@ class Run:
     def save_best(self, val_loss):
         meta = model_meta(self.model, self.tokenizer)
         meta.update({"kind": "model", "iter": self.iter, "val_loss": val_loss})
-        save_checkpoint(self.best_path, self.model.state_dict(), meta)
+        save_checkpoint(self.best_path, self.model.state_views(), meta)
 
     def record(self, losses, lr, tokens_per_s):
         entry = {"iter": self.iter, "train_loss": losses["train"], "val_loss": losses["val"],

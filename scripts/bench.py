@@ -824,6 +824,7 @@ NANOGPT_CPU_ARGS = ["train.py", "config/train_shakespeare_char.py", "--device=cp
 # nanoGPT seeds torch with 1337 (+ a DDP rank offset) and has no option for it:
 # this shim shifts the seed it asks for, so seed 1337 is nanoGPT unchanged.
 NANOGPT_SEED_SHIM = ("import runpy, sys, torch; seed = int(sys.argv.pop(1)); "
+                     "sys.argv = sys.argv[1:]; "
                      "real = torch.manual_seed; "
                      "torch.manual_seed = lambda s: real(s - 1337 + seed); "
                      "runpy.run_path(sys.argv[0], run_name='__main__')")

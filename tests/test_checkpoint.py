@@ -9,7 +9,7 @@ import safetensors.numpy
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import femtogpt.checkpoint as checkpoint_module
+import femtogpt.tensorfile as checkpoint_module
 from femtogpt.checkpoint import FORMAT_VERSION, MAX_HEADER_BYTES, load_checkpoint, save_checkpoint
 from femtogpt.errors import CheckpointError
 
@@ -49,7 +49,9 @@ def safetensors_bytes(header: dict, data: bytes = b"") -> bytes:
 
 
 def good_metadata(meta=None):
-    return {"femtogpt": json.dumps(meta if meta is not None else {"step": 1}), "format_version": str(FORMAT_VERSION)}
+    """Metadata of a format-1 file (before digests), which loads without one: the
+    crafted files below test the structure checks, which apply to every version."""
+    return {"femtogpt": json.dumps(meta if meta is not None else {"step": 1}), "format_version": "1"}
 
 
 def assert_load_fails(path, *fragments):
@@ -122,7 +124,7 @@ def test_file_is_standard_safetensors(tmp_path):
     assert np.array_equal(plain["wte"], sample_tensors()["wte"])
     header_len = struct.unpack("<Q", path.read_bytes()[:8])[0]
     header = json.loads(path.read_bytes()[8:8 + header_len])
-    assert header["__metadata__"]["format_version"] == "1"
+    assert header["__metadata__"]["format_version"] == str(FORMAT_VERSION) == "2"
     assert json.loads(header["__metadata__"]["femtogpt"]) == {"step": 5}
 
 
@@ -166,8 +168,9 @@ def test_failed_save_keeps_old_checkpoint_and_no_temp(monkeypatch, tmp_path, old
 def test_failed_write_keeps_old_checkpoint(monkeypatch, tmp_path, old_checkpoint):
     path, old_bytes = old_checkpoint
 
-    def failing_write(temp, payload):
+    def failing_write(temp, parts):
         # Leave a partial temp file behind, as a real full disk would.
+        payload = b"".join(bytes(p) for p in parts)
         with open(temp, "wb") as f:
             f.write(payload[: len(payload) // 2])
         raise OSError(28, "No space left on device")
@@ -317,7 +320,7 @@ def test_header_not_json_object(tmp_path, header_bytes, fragment):
         ({"format_version": "1"}, "not a femtogpt checkpoint"),
         ({"femtogpt": "{}"}, "not a femtogpt checkpoint"),
         ({"femtogpt": "{}", "format_version": "7"},
-         "checkpoint format version 7 is not supported by this femtogpt (reads version 1)"),
+         "checkpoint format version 7 is not supported by this femtogpt (reads versions 1, 2)"),
         ({"femtogpt": "{}", "format_version": "0"}, "version 0 is not supported"),
         ({"femtogpt": "{}", "format_version": "one"}, "invalid format version 'one'"),
         ({"femtogpt": "{}", "format_version": 1}, "invalid format version 1"),
@@ -421,8 +424,8 @@ def test_wrong_format_version_from_real_save(tmp_path):
     save_checkpoint(path, {"a": np.zeros(2, dtype=np.float32)}, {})
     raw = path.read_bytes()
     # Same length replacement, so the header length stays valid.
-    path.write_bytes(raw.replace(b'"format_version":"1"', b'"format_version":"7"'))
-    assert_load_fails(path, "checkpoint format version 7 is not supported by this femtogpt (reads version 1)")
+    path.write_bytes(raw.replace(b'"format_version":"2"', b'"format_version":"7"'))
+    assert_load_fails(path, "checkpoint format version 7 is not supported by this femtogpt (reads versions 1, 2)")
 
 
 # ----------------------------------------------------------------------------- damage and fuzzing
@@ -453,7 +456,8 @@ def test_appended_bytes_fail(tmp_path, valid_bytes):
 
 
 def _load_or_checkpoint_error(path):
-    """Loading damaged data may succeed (e.g. a flipped bit inside a float) or raise CheckpointError; nothing else."""
+    """Loading damaged data raises CheckpointError and nothing else (or loads, for
+    crafted headers and for mutations that changed nothing)."""
     try:
         tensors, meta = load_checkpoint(path)
     except CheckpointError as err:
@@ -493,18 +497,33 @@ def _mutate(rng: random.Random, data: bytes, header_end: int) -> bytes:
     return bytes(data)
 
 
+def load_checkpoint_bytes(tmp_path, data):
+    path = tmp_path / "original"
+    path.write_bytes(data)
+    return load_checkpoint(path)
+
+
 def test_fuzz_random_mutations(tmp_path, valid_bytes):
     rng = random.Random(1234)
     header_end = 8 + struct.unpack("<Q", valid_bytes[:8])[0]
     path = tmp_path / "c"
-    outcomes = {"loaded": 0, "rejected": 0}
+    original, original_meta = load_checkpoint_bytes(tmp_path, valid_bytes)
+    outcomes = {"unchanged": 0, "rejected": 0}
     for _ in range(600):
-        path.write_bytes(_mutate(rng, valid_bytes, header_end))
+        mutated = _mutate(rng, valid_bytes, header_end)
+        path.write_bytes(mutated)
         result = _load_or_checkpoint_error(path)
-        outcomes["loaded" if result is not None else "rejected"] += 1
-    # The mutations must actually exercise both paths.
-    assert outcomes["rejected"] > 300
-    assert outcomes["loaded"] > 0
+        if result is None:
+            outcomes["rejected"] += 1
+            continue
+        # With digests, whatever loads is exactly what was saved: a mutation
+        # that loads changed nothing that matters (a splice of equal bytes...).
+        assert set(result) == set(original)
+        for name in original:
+            np.testing.assert_array_equal(result[name], original[name])
+        assert load_checkpoint(path)[1] == original_meta
+        outcomes["unchanged"] += 1
+    assert outcomes["rejected"] > 550
 
 
 json_values = st.recursive(
@@ -527,7 +546,8 @@ entry_values = json_values | st.fixed_dictionaries(
     entries=st.dictionaries(st.text(max_size=6), entry_values, max_size=3),
     metadata=st.one_of(st.just(None), json_values,
                        st.fixed_dictionaries({"femtogpt": st.text(max_size=20) | json_values,
-                                              "format_version": st.sampled_from(["1", "2", "x"]) | json_values})),
+                                              "format_version": st.sampled_from(["1", "2", "x"]) | json_values,
+                                              "digest": st.text(max_size=20) | json_values})),
     data=st.binary(max_size=64),
 )
 def test_fuzz_structured_headers(tmp_path, entries, metadata, data):
@@ -537,3 +557,193 @@ def test_fuzz_structured_headers(tmp_path, entries, metadata, data):
     path = tmp_path / "c"
     path.write_bytes(safetensors_bytes(header, data))
     _load_or_checkpoint_error(path)
+
+
+# ----------------------------------------------------------------------------- digests
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory):
+    """A real model checkpoint (with biases, so that it has many small tensors)."""
+    from femtogpt import GPT, GPTConfig, CharTokenizer
+    from femtogpt.checkpoint import model_meta
+    model = GPT(GPTConfig(vocab_size=12, block_size=8, n_layer=2, n_head=2, n_embd=16), seed=3)
+    tokenizer = CharTokenizer("\nabcdefghijk")
+    path = tmp_path_factory.mktemp("model") / "best.safetensors"
+    meta = dict(model_meta(model, tokenizer), kind="model", iter=7)
+    save_checkpoint(path, model.state_views(), meta)
+    return path, path.read_bytes(), model.state_dict()
+
+
+def _header_end(data):
+    return 8 + struct.unpack("<Q", data[:8])[0]
+
+
+def _tensor_ranges(data):
+    header = json.loads(data[8:_header_end(data)])
+    start = _header_end(data)
+    return {name: (start + e["data_offsets"][0], start + e["data_offsets"][1])
+            for name, e in header.items() if name != "__metadata__"}
+
+
+def _flipped(data, position, bit=0):
+    mutated = bytearray(data)
+    mutated[position] ^= 1 << bit
+    return bytes(mutated)
+
+
+def _load_model_fails(path, *fragments):
+    from femtogpt import load
+    with pytest.raises(CheckpointError) as info:
+        load(str(path))
+    message = str(info.value)
+    assert str(path) in message and "\n" not in message, message
+    for fragment in fragments:
+        assert fragment in message, message
+    return message
+
+
+def test_a_flip_in_any_tensors_data_is_refused_by_name(tmp_path, model_file):
+    _, data, _ = model_file
+    path = tmp_path / "best.safetensors"
+    rng = random.Random(5)
+    ranges = _tensor_ranges(data)
+    assert len(ranges) == 2 + 2 * 12 + 2
+    for name, (begin, end) in ranges.items():
+        # a low mantissa bit: the weights stay plausible, only the digest can tell
+        path.write_bytes(_flipped(data, rng.randrange(begin, end) // 4 * 4, bit=0))
+        _load_model_fails(path, f"tensor '{name}' does not match its digest")
+
+
+def test_a_flip_in_the_last_byte_is_refused(tmp_path, model_file):
+    _, data, _ = model_file
+    path = tmp_path / "best.safetensors"
+    last = max(_tensor_ranges(data).items(), key=lambda item: item[1][1])[0]
+    for bit in range(8):
+        path.write_bytes(_flipped(data, len(data) - 1, bit))
+        _load_model_fails(path, f"'{last}'")
+
+
+def test_a_flip_in_the_header_length_is_refused(tmp_path, model_file):
+    _, data, _ = model_file
+    path = tmp_path / "best.safetensors"
+    for position in range(8):
+        for bit in (0, 3, 7):
+            path.write_bytes(_flipped(data, position, bit))
+            _load_model_fails(path)
+
+
+def test_every_flip_in_the_json_header_is_refused(tmp_path, model_file):
+    # 400 single-bit flips spread over the whole header: the tensor table, the
+    # femtogpt metadata (config, vocabulary), the digests and the padding.
+    _, data, _ = model_file
+    path = tmp_path / "best.safetensors"
+    rng = random.Random(6)
+    end = _header_end(data)
+    vocab_at = data.index(b"abcdefghijk")
+    positions = [rng.randrange(8, end) for _ in range(400)] + [vocab_at + 3, end - 1]
+    for position in positions:
+        path.write_bytes(_flipped(data, position, rng.randrange(8)))
+        _load_model_fails(path)
+
+
+def test_a_recomputed_tensor_digest_with_a_stale_header_digest_is_refused(tmp_path, model_file):
+    _, data, _ = model_file
+    header = json.loads(data[8:_header_end(data)])
+    name, (begin, end) = next(iter(_tensor_ranges(data).items()))
+    damaged = bytearray(data)
+    damaged[begin] ^= 1
+    # The damaged tensor's digest is recomputed and written in, the header's is not.
+    digest = json.loads(header["__metadata__"]["digest"])
+    import xxhash
+    digest["tensors"][name] = xxhash.xxh3_128_hexdigest(bytes(damaged[begin:end]))
+    header["__metadata__"]["digest"] = json.dumps(digest)
+    path = write(tmp_path / "best.safetensors",
+                 _rebuilt(header, bytes(damaged[_header_end(data):])))
+    _load_model_fails(path, "header does not match its digest")
+
+
+def test_a_consistent_header_with_a_wrong_tensor_digest_is_refused(tmp_path, model_file):
+    # Someone recomputes the header digest over a wrong tensor digest: the
+    # header passes, the tensor does not.
+    from femtogpt.tensorfile import _header_digest
+    _, data, _ = model_file
+    header = json.loads(data[8:_header_end(data)])
+    digest = json.loads(header["__metadata__"]["digest"])
+    name = sorted(digest["tensors"])[3]
+    digest["tensors"][name] = "0" * 32
+    del digest["header"]
+    header["__metadata__"]["digest"] = json.dumps(digest)
+    digest["header"] = _header_digest(header)
+    header["__metadata__"]["digest"] = json.dumps(digest)
+    path = write(tmp_path / "best.safetensors", _rebuilt(header, data[_header_end(data):]))
+    _load_model_fails(path, f"tensor '{name}' does not match its digest")
+
+
+def test_removing_the_digest_is_refused(tmp_path, model_file):
+    _, data, _ = model_file
+    header = json.loads(data[8:_header_end(data)])
+    del header["__metadata__"]["digest"]
+    path = write(tmp_path / "best.safetensors", _rebuilt(header, data[_header_end(data):]))
+    _load_model_fails(path, "no digest")
+
+
+def _rebuilt(header, tensor_bytes):
+    encoded = json.dumps(header).encode("utf-8")
+    return struct.pack("<Q", len(encoded)) + encoded + tensor_bytes
+
+
+def test_a_checkpoint_from_before_digests_loads_with_a_note_and_is_left_alone(tmp_path,
+                                                                               model_file):
+    import femtogpt
+    from femtogpt.errors import UnverifiedCheckpointWarning
+    _, data, state = model_file
+    header = json.loads(data[8:_header_end(data)])
+    del header["__metadata__"]["digest"]
+    header["__metadata__"]["format_version"] = "1"
+    old = _rebuilt(header, data[_header_end(data):])
+    path = write(tmp_path / "best.safetensors", old)
+    with pytest.warns(UnverifiedCheckpointWarning, match="before femtogpt checkpoints carried "
+                                                         "digests"):
+        model, tokenizer = femtogpt.load(str(path))
+    for name, value in state.items():
+        np.testing.assert_array_equal(model.state_dict()[name], value)
+    assert path.read_bytes() == old
+
+
+def test_loading_reads_into_the_models_own_memory(model_file, monkeypatch):
+    # No second full copy: every tensor is read straight into the model's
+    # parameter block (read_into gets views of it, never a fresh array).
+    import femtogpt
+    from femtogpt import tensorfile
+    path, _, state = model_file
+    targets = []
+    real = tensorfile.TensorFile.read_into
+
+    def spy(self, name, out):
+        targets.append(out)
+        return real(self, name, out)
+
+    monkeypatch.setattr(tensorfile.TensorFile, "read_into", spy)
+    model, _ = femtogpt.load(str(path))
+    assert len(targets) == len(state)
+    block = model.params_flat
+    for out in targets:
+        assert np.shares_memory(out, block)
+
+
+def test_saving_writes_from_the_models_own_memory(tmp_path, monkeypatch):
+    from femtogpt import GPT, GPTConfig
+    from femtogpt import tensorfile
+    model = GPT(GPTConfig(vocab_size=12, block_size=8, n_layer=1, n_head=2, n_embd=16), seed=1)
+    seen = []
+    real = tensorfile._write_durably
+
+    def spy(path, parts):
+        seen.extend(parts[1:])
+        return real(path, parts)
+
+    monkeypatch.setattr(tensorfile, "_write_durably", spy)
+    save_checkpoint(tmp_path / "m.safetensors", model.state_views(), {})
+    assert len(seen) == len(model.state_dict())
+    assert all(np.shares_memory(np.asarray(part), model.params_flat) for part in seen)

@@ -508,3 +508,95 @@ def test_non_finite_loss_exits_3_with_one_line(tmp_path, files, capsys, monkeypa
     line = err.splitlines()[-1]          # after the run's own progress lines
     assert line.startswith("femtogpt: error: loss became nan") and "at iteration 3" in line
     assert "--learning-rate" in line
+
+
+# --------------------------------------------------------------------------- verify and digests
+
+
+def _flip_in_tensor(path, name):
+    data = bytearray(open(path, "rb").read())
+    header_len = int.from_bytes(data[:8], "little")
+    entry = json.loads(data[8:8 + header_len])[name]
+    data[8 + header_len + entry["data_offsets"][0]] ^= 1
+    open(path, "wb").write(bytes(data))
+
+
+def test_verify_reports_an_intact_run(trained, capsys):
+    _, out = trained
+    assert main(["verify", out]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith("intact") and "best.safetensors" in lines[0]
+    assert lines[1].startswith("intact") and "ckpt.safetensors" in lines[1]
+    assert "a training state at iteration 30" in lines[1] and "every digest matches" in lines[1]
+
+
+def test_a_damaged_checkpoint_is_refused_by_sample_and_named_by_verify(trained, tmp_path, capsys):
+    import shutil
+    _, out = trained
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    best = copy / "best.safetensors"
+    _flip_in_tensor(best, "transformer.h.0.mlp.c_fc.weight")
+    before = best.read_bytes()
+    proc = run("sample", "--out", str(copy), "--max-new-tokens", "5", "--seed", "1")
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip().splitlines() == [
+        f"femtogpt: error: checkpoint tensor 'transformer.h.0.mlp.c_fc.weight' does not match "
+        f"its digest: its data is damaged (file corrupt): {best}"]
+    capsys.readouterr()
+    assert main(["verify", str(copy)]) == 1
+    report = capsys.readouterr()
+    lines = report.out.splitlines()
+    assert lines[0].startswith("DAMAGED") and "mlp.c_fc.weight" in lines[0]
+    assert lines[1].startswith("intact")            # ckpt.safetensors is untouched
+    assert "1 of 2 file(s) damaged" in report.err
+    assert best.read_bytes() == before               # verify writes nothing
+    # training from the damaged model is refused too, writing nothing
+    new = tmp_path / "new"
+    assert main(["train", "--init-from", str(copy), "--out", str(new), *TINY]) == 2
+    assert not new.exists()
+
+
+def test_verify_of_a_checkpoint_from_before_digests_and_of_a_hugging_face_folder(tmp_path,
+                                                                                 capsys):
+    old = tmp_path / "old.safetensors"
+    meta = {"model_config": {"vocab_size": 3, "block_size": 2, "n_layer": 1, "n_head": 1,
+                             "n_embd": 4, "dropout": 0.0},
+            "tokenizer": {"type": "char", "chars": "abc"}}
+    model = femtogpt.GPT(femtogpt.GPTConfig(**meta["model_config"]))
+    old.write_bytes(safetensors.numpy.save(
+        model.state_dict(), metadata={"femtogpt": json.dumps(meta), "format_version": "1"}))
+    assert main(["verify", str(old)]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("unverified") and "before checkpoints carried digests" in line
+    hf = tmp_path / "gpt2"
+    hf.mkdir()
+    (hf / "config.json").write_text('{"model_type": "gpt2"}')
+    (hf / "model.safetensors").write_bytes(safetensors.numpy.save(
+        {"wte.weight": np.ones((3, 4), np.float32)}, metadata={"format": "pt"}))
+    assert main(["verify", str(hf)]) == 0
+    out = capsys.readouterr().out
+    assert "Hugging Face files carry no digest" in out and "1 tensors" in out
+    (hf / "model.safetensors").write_bytes((hf / "model.safetensors").read_bytes()[:-3])
+    assert main(["verify", str(hf)]) == 1
+    assert main(["verify", str(tmp_path / "nothing")]) == 2
+
+
+def test_an_old_checkpoint_samples_with_a_note(tmp_path):
+    meta = {"model_config": {"vocab_size": 3, "block_size": 4, "n_layer": 1, "n_head": 1,
+                             "n_embd": 4, "dropout": 0.0},
+            "tokenizer": {"type": "char", "chars": "abc"}, "kind": "model"}
+    model = femtogpt.GPT(femtogpt.GPTConfig(**meta["model_config"]))
+    path = tmp_path / "best.safetensors"
+    data = safetensors.numpy.save(model.state_dict(), metadata={
+        "femtogpt": json.dumps(meta), "format_version": "1"})
+    path.write_bytes(data)
+    proc = run("sample", "--out", str(tmp_path), "--prompt", "ab", "--max-new-tokens", "3",
+               "--seed", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("ab")
+    assert proc.stderr.strip().splitlines() == [
+        f"femtogpt: note: {path} was written before femtogpt checkpoints carried digests: "
+        f"it loads, but damage to it cannot be detected"]
+    assert path.read_bytes() == data

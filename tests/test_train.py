@@ -24,7 +24,7 @@ import pytest
 
 import femtogpt
 from femtogpt import _core
-from femtogpt import checkpoint as checkpoint_module
+from femtogpt import tensorfile as checkpoint_module
 from femtogpt import train as train_module
 from femtogpt.checkpoint import load_checkpoint, save_checkpoint
 from femtogpt.errors import CheckpointError, ConfigError
@@ -231,7 +231,7 @@ def test_adamw_matches_pytorch_formula(tmp_path, data_file):
         got = model.state_dict()
         for n in names:
             np.testing.assert_allclose(got[n], p[n], rtol=2e-5, atol=2e-6, err_msg=n)
-        moments = opt.state_tensors()
+        moments = opt.state_views()
         for n in names:
             np.testing.assert_allclose(moments["optimizer.exp_avg." + n], m[n], rtol=2e-5,
                                        atol=1e-7, err_msg=n)
@@ -272,7 +272,7 @@ def test_checkpoint_holds_the_whole_training_state(tmp_path, data_file):
     run = quiet_train(cfg)
     tensors, meta = load_checkpoint(os.path.join(cfg.out, "ckpt.safetensors"))
     state = run.model.state_dict()
-    moments = run.optimizer.state_tensors()
+    moments = run.optimizer.state_views()
     assert set(tensors) == set(state) | set(moments)
     assert set(moments) == ({"optimizer.exp_avg." + n for n in state}
                             | {"optimizer.exp_avg_sq." + n for n in state})
@@ -336,10 +336,11 @@ def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, data_file, mon
     real_write = checkpoint_module._write_durably
     writes, before = [], {}
 
-    def write_then_fill_the_disk(path, payload):
+    def write_then_fill_the_disk(path, parts):
         writes.append(path)
         if len(writes) <= 2:              # best at iteration 0, ckpt at iteration 5
-            return real_write(path, payload)
+            return real_write(path, parts)
+        payload = b"".join(bytes(p) for p in parts)
         if not before:
             before.update({n: open(os.path.join(cfg.out, n), "rb").read() for n in names})
         with open(path, "wb") as f:      # half a file, then the disk is full
@@ -545,7 +546,7 @@ def test_init_from_starts_fresh_from_the_best_model(tmp_path, data_file):
     # from the wrong one shows.
     latest_path = os.path.join(source.cfg.out, "ckpt.safetensors")
     latest, latest_meta = load_checkpoint(latest_path)
-    checkpoint_module.save_checkpoint(
+    save_checkpoint(
         latest_path, {name: value * np.float32(0.5) for name, value in latest.items()},
         latest_meta)
     # Architecture flags are taken from the source, whatever this config says.
@@ -861,7 +862,7 @@ def test_disk_full_mid_training_reports_and_keeps_the_last_checkpoint(tmp_path, 
         writes.append(path)
         if len(writes) >= 3:                       # the third save finds the disk full
             with open(path, "wb") as f:
-                f.write(payload[:100])            # a partial temp file, as a full disk leaves
+                f.write(bytes(payload[0])[:100])  # a partial temp file, as a full disk leaves
             raise OSError(errno.ENOSPC, "No space left on device")
         real_write(path, payload)
 
