@@ -72,7 +72,7 @@ def model_from_file(f: TensorFile):
     if tokenizer.vocab_size != config.vocab_size:
         raise CheckpointError(f"{path}: tokenizer has {tokenizer.vocab_size} tokens but the "
                               f"model's vocab_size is {config.vocab_size}")
-    model = GPT(config, seed=0)
+    model = GPT(config, init=False)
     read_tensors_into(f, model.state_views(), "")
     if "lm_head.weight" in f.names:
         # Tied to wte: a copy saved by another tool must equal it.

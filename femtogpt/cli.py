@@ -99,6 +99,10 @@ def add_train_arguments(parser):
     parser.add_argument("--init-from", metavar="DIR", default=None,
                         help="start a new run from another run's weights (its best model), "
                              "with a fresh optimizer")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start a new run even if --out holds another one, replacing its "
+                             "checkpoints and metrics (without it, such a run is refused; the "
+                             "same command again always resumes)")
     parser.add_argument("--no-progress", action="store_true",
                         help="no live progress bar (eval lines are still printed)")
     group = parser.add_argument_group(
@@ -130,7 +134,8 @@ def train_command(args):
         # shape must be refused, not silently continued.
         explicit |= set(ARCHITECTURE)
     run = train(cfg, init_from=args.init_from, explicit=explicit,
-                progress=None if not args.no_progress else False, comm=comm)
+                progress=None if not args.no_progress else False, comm=comm,
+                overwrite=args.overwrite)
     if run.interrupted:
         return 128 + run.stop_signal        # 130 for Ctrl-C, 143 for SIGTERM
     if cfg.sample_tokens > 0 and comm.rank == 0:

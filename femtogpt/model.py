@@ -162,7 +162,10 @@ class GPT:
     grads = model.backward()                     # {name: ndarray} like state_dict()
     """
 
-    def __init__(self, config, seed=0):
+    def __init__(self, config, seed=0, init=True):
+        # init=False leaves the weights zero, for a caller that fills them next
+        # (a checkpoint read into the parameter block): nanoGPT's random init of
+        # GPT-2's 124M weights costs seconds.
         if not isinstance(config, GPTConfig):
             raise TypeError(f"config must be a GPTConfig, got {type(config).__name__}")
         self.config = config
@@ -196,7 +199,8 @@ class GPT:
         self._named_grads = self._named_views(self._stacked_grads)
         self.dropout_seed = int(seed)
         self.dropout_calls = 0       # training forwards so far: each gets fresh masks
-        self._init_weights(seed)
+        if init:
+            self._init_weights(seed)
 
     # -- layout -------------------------------------------------------------------
 

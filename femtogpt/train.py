@@ -190,10 +190,23 @@ class Run:
     writes to the run directory.
     """
 
-    def __init__(self, cfg, log=print, init_from=None, explicit=(), comm=None):
+    def __init__(self, cfg, log=print, init_from=None, explicit=None, comm=None,
+                 overwrite=False):
+        """explicit: the fields the user gave (the command line's flags); on a
+        resume the others continue as saved. None (the Python API): every field
+        of cfg is meant, except the architecture and tokenizer under init_from,
+        which come from the source. overwrite: replace a run already in cfg.out."""
         # Everything that can be wrong (options, data, checkpoints) is checked
         # before anything is written: a refused run leaves the disk as it was.
-        self.cfg = cfg.validate()
+        # A copy: the caller's config (a preset, say) is never changed.
+        cfg = self.cfg = replace(cfg).validate()
+        if explicit is None:
+            explicit = {f.name for f in fields(TrainConfig)}
+            if init_from is not None:
+                explicit -= set(ARCHITECTURE) | {"tokenizer", "vocab_size"}
+        explicit = set(explicit)
+        self.init_from = None if init_from is None else os.path.abspath(init_from)
+        self.overwrite = bool(overwrite)
         self.comm = comm = comm or Solo()
         self.writes = comm.rank == 0      # the one rank that prints and saves
         self.log = log
@@ -205,7 +218,7 @@ class Run:
         if threads:
             _core.set_num_threads(threads)
 
-        resume = os.path.isfile(self.latest_path) and init_from is None
+        resume = self._decide_resume()
         if resume:
             self._resume(explicit)    # the run's own settings, --data included
         # Saved absolute, so that a resume from another directory finds the text.
@@ -265,6 +278,50 @@ class Run:
             self.prepare_out_dir()
         # (distributed: _start_run does it once every rank has started)
 
+    def _decide_resume(self):
+        """Continue the run in --out, or start one; refuse to replace another run.
+
+        The same command again resumes (with --init-from too, when the saved run
+        was started from the same source). Anything else that would replace a
+        run's files needs overwrite=True (--overwrite).
+        """
+        out = self.cfg.out
+        present = [n for n in RUN_FILES if os.path.exists(os.path.join(out, n))]
+        if not present or self.overwrite:
+            return False
+        how = "use another --out, or --overwrite to replace it"
+        if LATEST_NAME in present:
+            with TensorFile(self.latest_path) as f:
+                saved = f.meta
+            started_from = saved.get("init_from")
+            if self.init_from is None or self.init_from == started_from:
+                return True
+            origin = f"started from {started_from}" if started_from else "trained from scratch"
+            raise ConfigError(f"--out {out} already holds another run ({origin}, "
+                              f"{saved.get('iter', '?')} iterations); starting from "
+                              f"{self.init_from} would replace it: {how}")
+        # Run files but no training state: a run killed before its first save
+        # (the same command starts it again) or the remains of another one.
+        if os.path.isfile(self.best_path):
+            with TensorFile(self.best_path) as f:
+                saved = f.meta
+            if (saved.get("train_config") == self._identity()
+                    and saved.get("init_from") == self.init_from):
+                self.log(f"note: {out} holds the start of this same run, stopped before its "
+                         f"first training state was saved: starting it again")
+                return False
+        raise ConfigError(f"--out {out} holds files of another run ({', '.join(present)}) and "
+                          f"no training state to resume: {how}")
+
+    def _identity(self):
+        """What makes two runs the same run: the config, but where --out is and
+        how many threads compute it."""
+        identity = asdict(self.cfg)
+        identity["data"] = os.path.abspath(identity["data"])
+        for name in ("out", "threads"):
+            identity.pop(name)
+        return identity
+
     def prepare_out_dir(self):
         """Create --out, or tidy it for a resumed run (rank 0 only)."""
         out, resume = self.cfg.out, self.resumed
@@ -273,6 +330,9 @@ class Run:
         except OSError as err:
             raise ConfigError(f"cannot use --out {out}: {err.strerror or err}") from None
         _remove_stale_temp_files(out)
+        if self.overwrite:
+            for name in RUN_FILES:
+                _remove_if_present(os.path.join(out, name))
         if resume:
             # Evaluations the saved state has not seen will be redone: drop their rows.
             rows = [r for r in _all_metrics(self.metrics_path)
@@ -281,7 +341,7 @@ class Run:
                 f.writelines(json.dumps(r) + "\n" for r in rows)
             os.replace(self.metrics_path + ".tmp", self.metrics_path)
         elif os.path.exists(self.metrics_path):
-            os.remove(self.metrics_path)    # a fresh run in a reused directory
+            os.remove(self.metrics_path)    # this same run, started again
 
     def _init_from(self, source, explicit):
         file = checkpoint_path(source, BEST_NAME)
@@ -336,10 +396,22 @@ class Run:
                 and self.cfg.vocab_size != saved.get("vocab_size")):
             raise ConfigError(f"{self.latest_path} has a BPE vocabulary trained up to "
                               f"{saved.get('vocab_size')} tokens, not {self.cfg.vocab_size}")
-        # Hyperparameters not given on this command line continue as they were.
+        if "seed" in explicit and "seed" in saved and self.cfg.seed != saved["seed"]:
+            raise ConfigError(f"{self.latest_path} was started with --seed {saved['seed']}, "
+                              f"not {self.cfg.seed}: a resumed run continues its own random "
+                              f"streams; use another --out to train with another seed")
+        # Hyperparameters not given on this command line continue as they were;
+        # the ones given apply from here on, and each change is said.
         for f in fields(TrainConfig):
-            if f.name not in explicit and f.name in saved and f.name not in ("out", "threads"):
+            if f.name not in saved or f.name in ("out", "threads", "data"):
+                continue
+            if f.name not in explicit:
                 setattr(self.cfg, f.name, saved[f.name])
+            elif getattr(self.cfg, f.name) != saved[f.name]:
+                self.log(f"resuming with {f.name} {getattr(self.cfg, f.name)} "
+                         f"(was {saved[f.name]})")
+        if "data" not in explicit and "data" in saved:
+            self.cfg.data = saved["data"]
         self.cfg.validate()
         model.config.dropout = self.cfg.dropout
         self.model, self.tokenizer = model, tokenizer
@@ -486,6 +558,7 @@ class Run:
             "world_size": self.comm.size,
             "rng_eval": self.rng_eval.bit_generator.state,
             "data": self.data_info,
+            "init_from": self.init_from,
             "threads": _core.get_num_threads(),
         })
         save_checkpoint(self.latest_path, tensors, meta)
@@ -493,6 +566,10 @@ class Run:
     def save_best(self, val_loss):
         meta = model_meta(self.model, self.tokenizer)
         meta.update({"kind": "model", "iter": self.iter, "val_loss": val_loss})
+        # The config travels with the best model: a run killed before its first
+        # training state can be recognised as the same run (_decide_resume).
+        meta["train_config"] = self._identity()
+        meta["init_from"] = self.init_from
         save_checkpoint(self.best_path, self.model.state_views(), meta)
 
     def record(self, losses, lr, tokens_per_s):
@@ -513,6 +590,19 @@ def _fit_tokenizer(cfg, text, train_text):
     if cfg.tokenizer == "bpe":
         return build_tokenizer("bpe", train_text, cfg.vocab_size)
     return build_tokenizer(cfg.tokenizer, text)
+
+
+# The files a run writes into --out.
+RUN_FILES = (LATEST_NAME, BEST_NAME, "metrics.jsonl", "loss.png")
+
+
+def _remove_if_present(path):
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+    except OSError as err:
+        raise ConfigError(f"--overwrite: cannot remove {path}: {err.strerror or err}") from None
 
 
 def _check_out_dir(out):
@@ -627,7 +717,7 @@ class _StopOnSignal:
         return False
 
 
-def _start_run(cfg, log, init_from, explicit, comm):
+def _start_run(cfg, log, init_from, explicit, comm, overwrite):
     """Build the Run; distributed, also check that every rank built the same one.
 
     Every rank validates and loads on its own (they all read the same --data
@@ -635,10 +725,12 @@ def _start_run(cfg, log, init_from, explicit, comm):
     all of them with one message instead of leaving the others waiting.
     """
     if not comm.distributed:
-        return Run(cfg, log=log, init_from=init_from, explicit=explicit, comm=comm)
+        return Run(cfg, log=log, init_from=init_from, explicit=explicit, comm=comm,
+                   overwrite=overwrite)
     run = problem = None
     try:
-        run = Run(cfg, log=log, init_from=init_from, explicit=explicit, comm=comm)
+        run = Run(cfg, log=log, init_from=init_from, explicit=explicit, comm=comm,
+                  overwrite=overwrite)
         status = ("ok", run.iter, run.model.config.vocab_size,
                   fingerprint(run.model.params_flat), fingerprint(run.optimizer.exp_avg_sq))
     except FemtoGPTError as err:
@@ -666,8 +758,17 @@ def _start_run(cfg, log, init_from, explicit, comm):
     return run
 
 
-def train(cfg, init_from=None, explicit=(), progress=None, stream=None, comm=None):
-    """Run (or continue) training as cfg says. Returns the Run.
+def train(cfg, init_from=None, explicit=None, progress=None, stream=None, comm=None,
+          overwrite=False):
+    """Run (or continue) training as cfg says. Returns the Run (run.cfg holds the
+    settings it used; cfg itself is not changed).
+
+    If cfg.out holds this run's training state, training continues: the fields
+    of cfg that differ from the saved ones apply from there (more iterations,
+    another learning rate...), and a change that cannot apply to a run under
+    way (its architecture, tokenizer or seed) is refused by name. explicit, a
+    set of field names, limits that to the fields given (the command line's
+    flags). A run of something else in cfg.out is refused unless overwrite.
 
     comm: femtogpt.distributed's MPIComm for data-parallel training (every rank
     calls train() with the same arguments); None for a single process.
@@ -685,7 +786,7 @@ def train(cfg, init_from=None, explicit=(), progress=None, stream=None, comm=Non
         else:
             print(message, file=stream)
 
-    run = _start_run(cfg, log, init_from, explicit, comm)
+    run = _start_run(cfg, log, init_from, explicit, comm, overwrite)
     cfg = run.cfg
     model = run.model
     n_params = model.num_parameters()

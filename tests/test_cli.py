@@ -96,7 +96,7 @@ TRAIN_OPTIONS = ["--data", "--out", "--preset", "--tokenizer", "--vocab-size", "
                  "--batch-size", "--max-iters",
                  "--learning-rate", "--min-lr", "--warmup-iters", "--beta1", "--beta2",
                  "--weight-decay", "--grad-clip", "--eval-interval", "--eval-iters",
-                 "--save-interval", "--seed", "--threads", "--sample-tokens", "--init-from",
+                 "--save-interval", "--seed", "--threads", "--sample-tokens", "--init-from", "--overwrite",
                  "--no-progress", "--debug"]
 TRAIN_DEFAULTS = ["(default: baby 4, small 6, femto 4)",          # --n-layer
                   "(default: baby 128, small 384, femto 64)",      # --n-embd
@@ -326,7 +326,13 @@ def files(tmp_path, trained):
     future = tmp_path / "future.safetensors"
     future.write_bytes(safetensors.numpy.save(
         tensors, metadata={"femtogpt": json.dumps(meta), "format_version": "7"}))
+    # A model with one flipped bit in a weight (its digest tells).
+    damaged = tmp_path / "damaged.safetensors"
+    raw = bytearray(open(os.path.join(out, "best.safetensors"), "rb").read())
+    raw[-5] ^= 0x10
+    damaged.write_bytes(bytes(raw))
     return dict(data=data, out=out, empty=str(empty), short=str(short), prompt=str(prompt),
+                damaged=str(damaged),
                 nothing=str(nothing), new=str(tmp_path / "new"),
                 missing=str(tmp_path / "missing.txt"), binary=str(binary),
                 latin1=str(latin1), many=str(many), broken=str(broken),
@@ -382,6 +388,14 @@ ERROR_CASES = [
      "--dropout must be in [0, 1), got -0.1"),
     (["train", "--data", "{data}", "--out", "{new}", "--tokenizer", "bpe", "--vocab-size",
       "100"], "--vocab-size must be an integer in [256, 65536]"),
+    (["sample", "--checkpoint", "{damaged}"], "does not match its digest: its data is damaged"),
+    (["train", "--data", "{data}", "--out", "{new}", "--init-from", "{damaged}"],
+     "does not match its digest"),
+    (["train", "--data", "{data}", "--out", "{out}", "--init-from", "{out}"],
+     "--out {out} already holds another run (trained from scratch, 30 iterations); starting "
+     "from {out} would replace it: use another --out, or --overwrite to replace it"),
+    (["train", "--data", "{data}", "--out", "{out}", "--seed", "5"],
+     "was started with --seed 1337, not 5"),
 ]
 
 

@@ -17,7 +17,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import numpy as np
 import pytest
@@ -763,8 +763,12 @@ def test_a_refused_fresh_run_keeps_an_old_directorys_files(tmp_path, data_file):
     before = _snapshot(cfg.out)
     short = tmp_path / "short.txt"
     short.write_text("abcdefghij" * 3)
-    with pytest.raises(femtogpt.DataError, match="split"):
+    with pytest.raises(ConfigError, match="holds files of another run"):
         quiet_train(tiny(tmp_path, str(short), block_size=8))
+    assert _snapshot(cfg.out) == before
+    # Even with --overwrite, a run refused for its data removes nothing.
+    with pytest.raises(femtogpt.DataError, match="split"):
+        quiet_train(tiny(tmp_path, str(short), block_size=8), overwrite=True)
     assert _snapshot(cfg.out) == before
 
 
@@ -950,3 +954,105 @@ def test_resume_warns_when_the_data_file_changed(tmp_path, data_file):
         run = Run(cfg, log=lines.append, explicit={"max_iters"})
     assert any(line.startswith("warning:") and "has changed" in line for line in lines)
     assert run.iter == 3
+
+
+# --------------------------------------------------------------------------- nothing overwritten
+
+
+def test_init_from_into_another_run_is_refused_and_changes_nothing(tmp_path, data_file):
+    source = quiet_train(tiny(tmp_path, data_file, out="source", max_iters=5))
+    target = quiet_train(tiny(tmp_path, data_file, out="target", max_iters=10, seed=9))
+    before = _snapshot(target.cfg.out)
+    with pytest.raises(ConfigError) as info:
+        quiet_train(tiny(tmp_path, data_file, out="target", max_iters=3),
+                    init_from=source.cfg.out)
+    message = str(info.value)
+    assert "already holds another run (trained from scratch, 10 iterations)" in message
+    assert "--overwrite" in message and "another --out" in message and "\n" not in message
+    assert _snapshot(target.cfg.out) == before
+    # --overwrite replaces it: the new run's metrics only, from the source's weights
+    run = quiet_train(tiny(tmp_path, data_file, out="target", max_iters=3),
+                      init_from=source.cfg.out, overwrite=True)
+    assert [r["iter"] for r in metrics(run.cfg.out)] == [0, 3]
+    assert load_checkpoint(run.latest_path)[1]["init_from"] == os.path.abspath(source.cfg.out)
+
+
+def test_the_same_init_from_command_again_resumes(tmp_path, data_file):
+    source = quiet_train(tiny(tmp_path, data_file, out="source", max_iters=5))
+    cfg = tiny(tmp_path, data_file, out="ft", max_iters=10)
+    first = quiet_train(replace(cfg, max_iters=5), init_from=source.cfg.out)
+    assert first.iter == 5
+    again = quiet_train(cfg, init_from=source.cfg.out)
+    assert again.resumed and again.iter == 10
+    # ...and it equals the fine-tuning run that was never stopped
+    straight = quiet_train(tiny(tmp_path, data_file, out="ft2", max_iters=10),
+                           init_from=source.cfg.out)
+    assert_same_tensors(again.model.state_dict(), straight.model.state_dict())
+    # another source into the same --out is another run
+    other = quiet_train(tiny(tmp_path, data_file, out="source2", max_iters=3))
+    with pytest.raises(ConfigError, match="started from .*source"):
+        quiet_train(cfg, init_from=other.cfg.out)
+
+
+def test_a_fresh_run_into_the_remains_of_another_is_refused(tmp_path, data_file):
+    first = quiet_train(tiny(tmp_path, data_file, max_iters=5))
+    os.remove(first.latest_path)                  # best and metrics remain
+    before = _snapshot(first.cfg.out)
+    with pytest.raises(ConfigError, match="holds files of another run .*no training state"):
+        quiet_train(tiny(tmp_path, data_file, max_iters=5, learning_rate=2e-2))
+    assert _snapshot(first.cfg.out) == before
+    # the same run, stopped before its first training state: it starts again
+    notes = []
+    run = Run(tiny(tmp_path, data_file, max_iters=5), log=notes.append)
+    assert not run.resumed and any("starting it again" in n for n in notes)
+    # a directory of other files is no run: nothing in it is touched
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    quiet_train(tiny(tmp_path, data_file, out="mine", max_iters=2))
+    assert (other / "notes.txt").read_text() == "mine"
+
+
+def test_train_never_changes_its_arguments(tmp_path, data_file):
+    cfg = tiny(tmp_path, os.path.relpath(data_file), max_iters=4)
+    saved = asdict(cfg)
+    run = quiet_train(cfg)
+    assert asdict(cfg) == saved and run.cfg is not cfg
+    quiet_train(replace(cfg, max_iters=6))         # a resume that changes a field
+    assert asdict(cfg) == saved
+    # the presets too
+    from femtogpt.train import PRESETS
+    preset = asdict(PRESETS["femto"])
+    Run(replace(PRESETS["femto"], data=data_file, out=str(tmp_path / "p"), block_size=8,
+                threads=1), log=lambda m: None)
+    assert asdict(PRESETS["femto"]) == preset
+
+
+def test_a_python_resume_applies_changed_settings_or_refuses_them_by_name(tmp_path, data_file):
+    cfg = tiny(tmp_path, data_file, max_iters=5)
+    quiet_train(cfg)
+    notes = []
+    run = train(replace(cfg, max_iters=10, learning_rate=5e-3), progress=False,
+                stream=_Lines(notes))
+    assert run.iter == 10 and run.cfg.learning_rate == 5e-3
+    assert load_checkpoint(run.latest_path)[1]["train_config"]["learning_rate"] == 5e-3
+    assert any("resuming with max_iters 10 (was 5)" in n for n in notes)
+    assert any("resuming with learning_rate 0.005 (was 0.01)" in n for n in notes)
+    before = _snapshot(cfg.out)
+    for change, word in ((dict(n_layer=2), "n_layer=1"), (dict(seed=8), "--seed 7"),
+                         (dict(tokenizer="byte"), "char tokenizer"),
+                         (dict(bias=True), "bias=False")):
+        with pytest.raises(ConfigError, match=word):
+            quiet_train(replace(cfg, max_iters=12, **change))
+        assert _snapshot(cfg.out) == before, change
+
+
+class _Lines:
+    def __init__(self, lines):
+        self.lines = lines
+
+    def write(self, text):
+        self.lines.extend(text.splitlines())
+
+    def flush(self):
+        pass
