@@ -7,7 +7,10 @@
 
     model, tokenizer = load("out")      # a run directory or checkpoint file
 """
-from ._core import get_num_threads, set_num_threads
+from ._dispatch import build_info, load_core
+
+_core = load_core()     # the build for this CPU, before any module imports _core
+from ._core import get_num_threads, set_num_threads  # noqa: E402
 from .errors import CheckpointError, ConfigError, DataError, FemtoGPTError, TokenizerError
 from .checkpoint import load
 from .model import GPT, GPTConfig
@@ -17,5 +20,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "GPT", "GPTConfig", "load", "CharTokenizer", "ByteTokenizer", "BPETokenizer", "get_num_threads", "set_num_threads", "FemtoGPTError",
-    "ConfigError", "DataError", "TokenizerError", "CheckpointError", "__version__",
+    "ConfigError", "DataError", "TokenizerError", "CheckpointError", "build_info", "__version__",
 ]

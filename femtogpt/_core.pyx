@@ -42,6 +42,19 @@ import numpy as np
 cdef extern from "stdlib.h":
     int posix_memalign(void **memptr, size_t alignment, size_t size) nogil
 
+cdef extern from *:
+    """
+    #ifndef FEMTOGPT_TARGET
+    #define FEMTOGPT_TARGET "unknown"
+    #endif
+    """
+    const char* FEMTOGPT_TARGET
+
+# The code path this module was compiled for (setup.py): "x86-64", "x86-64-v3" or
+# "x86-64-v4" in a portable build (femtogpt/_dispatch.py picks one), "native" or
+# "plain" in a single build. The same source is compiled once per target.
+TARGET = FEMTOGPT_TARGET.decode()
+
 
 # ---------------------------------------------------------------------------
 # 1. Buffer: aligned float32 storage

@@ -24,7 +24,7 @@ fi
 
 # The source only: no build products, no virtual environments.
 tar -C "$repo" --exclude='./.git' --exclude='./.ci-venv' --exclude='./build' \
-    --exclude='*.so' --exclude='./femtogpt/_core.c' -cf - . | tar -C "$work" -xf -
+    --exclude='*.so' --exclude='./femtogpt/*.c' -cf - . | tar -C "$work" -xf -
 cd "$work"
 echo "asan_check: building femtogpt._core with -fsanitize=address in $work"
 FEMTOGPT_ASAN=1 python setup.py build_ext --inplace >build.log 2>&1 || {

@@ -1,0 +1,4 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+# The core (_core.pyx) compiled for x86-64-v3: setup.py builds it with
+# -march=x86-64-v3, and femtogpt/_dispatch.py loads it on a CPU that runs it.
+include "_core.pyx"
