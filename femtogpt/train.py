@@ -1,10 +1,12 @@
-"""Training: configuration, presets, AdamW, the loop, evaluation, checkpoints.
+"""Training: a run (its data, model, optimizer and random streams), the loop,
+evaluation, saving and resuming.
 
 The loop is nanoGPT's: random windows of the training text, forward, backward,
 clip the gradient's global norm, AdamW with linear warmup and cosine decay,
 evaluate both splits every eval_interval iterations. Everything needed to
 continue a run exactly (weights, AdamW moments, iteration, RNG states) is saved
 atomically in OUT/ckpt.safetensors; the best model so far in OUT/best.safetensors.
+The settings are config.py's, the optimizer optim.py's, the folder rundir.py's.
 """
 import json
 import math
@@ -12,168 +14,24 @@ import os
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, fields, replace
 
 import numpy as np
 
 from . import _core
 from .checkpoint import (BEST_NAME, LATEST_NAME, TensorFile, checkpoint_path, model_from_file,
-                         model_meta, read_tensors_into, save_checkpoint)
+                         model_meta, save_checkpoint)
+from .config import ARCHITECTURE, BUNDLED_DATA, PRESETS, TrainConfig  # noqa: F401 (re-exported)
 from .distributed import (TAIL_LOSS, TAIL_STOP_SLOTS, Solo, batch_share, default_threads,
                           fingerprint, rank_dropout_seed)
 from .data import check_split_size, encode_dataset, get_batch, read_text, split_train_val
-from .errors import CheckpointError, ConfigError, DataError, FemtoGPTError
-from .model import GELU_FORMS, GPT, GPTConfig
+from .errors import CheckpointError, ConfigError, FemtoGPTError
+from .model import GPT, GPTConfig
+from .optim import AdamW, get_lr, grad_norm  # noqa: F401 (re-exported)
+from .rundir import (RUN_FILES, check_out_dir, plot_losses, read_metrics, remove_if_present,
+                     remove_stale_temp_files)
 from .tokenizer import build_tokenizer
 
-BUNDLED_DATA = os.path.join(os.path.dirname(__file__), "data", "tinyshakespeare.txt")
-
-ARCHITECTURE = ("n_layer", "n_head", "n_embd", "block_size", "bias", "gelu")
-
-
-@dataclass
-class TrainConfig:
-    """Every knob of a training run; each field is a `femtogpt train` flag."""
-    data: str = BUNDLED_DATA
-    out: str = "out"
-    tokenizer: str = "char"
-    vocab_size: int = 512     # bpe only: the vocabulary to train up to
-    # model
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
-    block_size: int = 64
-    dropout: float = 0.0
-    bias: bool = False        # biases in Linear and LayerNorm layers (GPT-2: yes)
-    gelu: str = "exact"       # GELU form: exact (erf, nanoGPT's nn.GELU) or tanh (GPT-2)
-    # optimisation
-    batch_size: int = 12
-    max_iters: int = 2000
-    learning_rate: float = 1e-3
-    min_lr: float = 1e-4
-    warmup_iters: int = 100
-    beta1: float = 0.9
-    beta2: float = 0.99
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    # bookkeeping
-    eval_interval: int = 250
-    eval_iters: int = 20
-    save_interval: int = 250
-    seed: int = 1337
-    threads: int = 0          # 0: OMP_NUM_THREADS, else every core
-    sample_tokens: int = 500  # printed at the end of training (0: none)
-
-    def validate(self):
-        positive = ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "max_iters",
-                    "eval_interval", "eval_iters", "save_interval")
-        for name in positive:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, "
-                                  f"got {value!r}")
-        if not isinstance(self.bias, bool):
-            raise ConfigError(f"bias must be True or False, got {self.bias!r}")
-        if self.gelu not in GELU_FORMS:
-            raise ConfigError(f"--gelu must be {' or '.join(GELU_FORMS)}, got {self.gelu!r}")
-        if self.tokenizer not in ("char", "byte", "bpe"):
-            raise ConfigError(f"--tokenizer must be char, byte or bpe, got {self.tokenizer!r}")
-        if not isinstance(self.vocab_size, int) or not 256 <= self.vocab_size <= 65536:
-            raise ConfigError(f"--vocab-size must be an integer in [256, 65536] (bpe starts "
-                              f"from the 256 byte values), got {self.vocab_size!r}")
-        for name in ("warmup_iters", "threads", "sample_tokens", "seed"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, "
-                                  f"got {getattr(self, name)}")
-        if self.n_embd % self.n_head:
-            raise ConfigError(f"--n-embd ({self.n_embd}) must be divisible by "
-                              f"--n-head ({self.n_head})")
-        # (checked in float32 too: the core would see 0.99999999 as 1.0)
-        if not (0.0 <= self.dropout and np.float32(self.dropout) < 1.0):
-            raise ConfigError(f"--dropout must be in [0, 1), got {self.dropout}")
-        for name in ("learning_rate", "min_lr"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and 0.0 <= value <= 1.0):
-                raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1], got {value}")
-        if self.learning_rate == 0.0:
-            raise ConfigError("--learning-rate must be positive")
-        if self.min_lr > self.learning_rate:
-            raise ConfigError(f"--min-lr ({self.min_lr}) must not exceed --learning-rate "
-                              f"({self.learning_rate})")
-        for name in ("beta1", "beta2"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ConfigError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
-        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0.0):
-            raise ConfigError(f"--weight-decay must be >= 0, got {self.weight_decay}")
-        if not self.grad_clip >= 0.0:
-            raise ConfigError(f"--grad-clip must be >= 0 (0: off), got {self.grad_clip}")
-        return self
-
-
-# nanoGPT's CPU recipe (its README's "baby GPT") and its Shakespeare recipe for a
-# GPU, as nanoGPT's train.py runs them (no biases, exact GELU); femtoGPT's own
-# model size, with GPT-2's biases and tanh GELU as before.
-PRESETS = {
-    "baby": TrainConfig(),
-    "small": TrainConfig(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=64,
-                         max_iters=5000, dropout=0.2, eval_iters=200),
-    "femto": TrainConfig(n_layer=4, n_head=4, n_embd=64, block_size=64, batch_size=32,
-                         bias=True, gelu="tanh"),
-}
-
-
-def get_lr(it, cfg):
-    """nanoGPT's schedule: linear warmup, cosine decay to min_lr at max_iters."""
-    if it < cfg.warmup_iters:
-        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
-    if it >= cfg.max_iters:
-        return cfg.min_lr
-    ratio = (it - cfg.warmup_iters) / max(1, cfg.max_iters - cfg.warmup_iters)
-    coeff = 0.5 * (1.0 + math.cos(math.pi * ratio))
-    return cfg.min_lr + coeff * (cfg.learning_rate - cfg.min_lr)
-
-
-class AdamW:
-    """PyTorch's AdamW over the model's flat parameter block.
-
-    The moments are two more flat blocks with the parameters' layout. Weight
-    decay applies to the first model.n_decay elements (the rank >= 2 tensors).
-    """
-
-    def __init__(self, model, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1):
-        self.model = model
-        self.beta1, self.beta2, self.eps, self.weight_decay = beta1, beta2, eps, weight_decay
-        self._m = _core.Buffer(model.params_flat.size)
-        self._v = _core.Buffer(model.params_flat.size)
-        self.exp_avg = np.asarray(self._m)
-        self.exp_avg_sq = np.asarray(self._v)
-        self.step_count = 0
-
-    def step(self, lr, grad_scale=1.0):
-        self.step_count += 1
-        m = self.model
-        _core.py_adamw_update(m.params_flat, self.exp_avg, self.exp_avg_sq, m.grads_flat,
-                              m.n_decay, lr, self.beta1, self.beta2, self.eps,
-                              self.weight_decay, grad_scale, self.step_count)
-
-    def state_views(self):
-        """{checkpoint name: view of the moments' own memory} (saved without a copy)."""
-        views = {}
-        for prefix, flat in (("optimizer.exp_avg.", self.exp_avg),
-                             ("optimizer.exp_avg_sq.", self.exp_avg_sq)):
-            views.update({prefix + k: v for k, v in self.model.named_views(flat).items()})
-        return views
-
-    def load_from(self, f):
-        """Read the moments from an open checkpoint straight into their blocks."""
-        read_tensors_into(f, self.state_views(), "")
-
-
-def grad_norm(model):
-    return math.sqrt(_core.py_sum_of_squares(model.grads_flat))
-
-
-# --------------------------------------------------------------------------- the run
 
 
 def _train_stream(seed, rank):
@@ -210,7 +68,7 @@ class Run:
         self.comm = comm = comm or Solo()
         self.writes = comm.rank == 0      # the one rank that prints and saves
         self.log = log
-        _check_out_dir(cfg.out)
+        check_out_dir(cfg.out)
         self.latest_path = os.path.join(cfg.out, LATEST_NAME)
         self.best_path = os.path.join(cfg.out, BEST_NAME)
         self.metrics_path = os.path.join(cfg.out, "metrics.jsonl")
@@ -329,13 +187,13 @@ class Run:
             os.makedirs(out, exist_ok=True)
         except OSError as err:
             raise ConfigError(f"cannot use --out {out}: {err.strerror or err}") from None
-        _remove_stale_temp_files(out)
+        remove_stale_temp_files(out)
         if self.overwrite:
             for name in RUN_FILES:
-                _remove_if_present(os.path.join(out, name))
+                remove_if_present(os.path.join(out, name))
         if resume:
             # Evaluations the saved state has not seen will be redone: drop their rows.
-            rows = [r for r in _all_metrics(self.metrics_path)
+            rows = [r for r in read_metrics(self.metrics_path)
                     if r.get("iter", -1) <= self.last_eval_iter]
             with open(self.metrics_path + ".tmp", "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in rows)
@@ -592,96 +450,12 @@ def _fit_tokenizer(cfg, text, train_text):
     return build_tokenizer(cfg.tokenizer, text)
 
 
-# The files a run writes into --out.
-RUN_FILES = (LATEST_NAME, BEST_NAME, "metrics.jsonl", "loss.png")
-
-
-def _remove_if_present(path):
-    try:
-        os.remove(path)
-    except FileNotFoundError:
-        pass
-    except OSError as err:
-        raise ConfigError(f"--overwrite: cannot remove {path}: {err.strerror or err}") from None
-
-
-def _check_out_dir(out):
-    """--out must be a writable directory, or creatable: checked without creating it."""
-    if os.path.exists(out):
-        if not os.path.isdir(out):
-            raise ConfigError(f"cannot use --out {out}: it exists and is not a directory")
-        if not os.access(out, os.W_OK | os.X_OK):
-            raise ConfigError(f"--out directory {out} is not writable")
-        return
-    parent = os.path.dirname(os.path.abspath(out))
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise ConfigError(f"cannot use --out {out}: {parent} is not a directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ConfigError(f"cannot create --out {out}: {parent} is not writable")
-
-
-def _remove_stale_temp_files(out):
-    # A save killed half-way (SIGKILL, power loss) leaves its temporary file;
-    # the checkpoint itself is intact. One run owns a directory, so any such
-    # file is stale when a run starts.
-    for name in os.listdir(out):
-        if name.startswith((f".{LATEST_NAME}.tmp-", f".{BEST_NAME}.tmp-")):
-            try:
-                os.remove(os.path.join(out, name))
-            except OSError:
-                pass
-
-
 def _rng_from_state(state):
     rng = np.random.default_rng()
     if not isinstance(state, dict) or state.get("bit_generator") != "PCG64":
         raise ValueError("unsupported RNG state")
     rng.bit_generator.state = state
     return rng
-
-
-def _all_metrics(path):
-    rows = []
-    if os.path.exists(path):
-        with open(path) as f:
-            for line in f:
-                line = line.strip()
-                if line:
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError:
-                        continue    # a line cut short by a kill mid-write: skip it
-    return rows
-
-
-def plot_losses(metrics_path, png_path):
-    """Draw train/val loss against iteration; False when matplotlib is missing."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    rows = _all_metrics(metrics_path)
-    if not rows:
-        return True
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    its = [r["iter"] for r in rows]
-    ax.plot(its, [r["train_loss"] for r in rows], marker="o", label="train")
-    ax.plot(its, [r["val_loss"] for r in rows], marker="o", label="val")
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("loss (nats per token)")
-    ax.set_title("femtogpt training")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    tmp = png_path + ".tmp.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, png_path)
-    return True
 
 
 class _StopOnSignal:
@@ -794,7 +568,7 @@ def train(cfg, init_from=None, explicit=None, progress=None, stream=None, comm=N
         f"{cfg.block_size}, vocab {model.config.vocab_size} ({cfg.tokenizer}), "
         f"{'biases' if cfg.bias else 'no biases'}, {cfg.gelu} GELU: "
         f"{n_params / 1e6:.2f}M parameters; {_core.get_num_threads()} threads"
-        + (f" per rank" if comm.distributed else ""))
+        + (" per rank" if comm.distributed else ""))
     if comm.distributed:
         shares = sorted({batch_share(cfg.batch_size, r, comm.size) for r in range(comm.size)},
                         reverse=True)
