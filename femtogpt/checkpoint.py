@@ -106,11 +106,15 @@ def model_meta(model, tokenizer) -> dict:
 
 
 def load(path, prefer=BEST_NAME):
-    """(model, tokenizer) from a checkpoint file or a run directory.
+    """(model, tokenizer) from a checkpoint file, a run directory or a Hugging
+    Face GPT-2 folder (config.json, model.safetensors, vocab.json, merges.txt).
 
-    For a directory, the best-validation model is used if there is one, else
-    the latest training state.
+    For a run directory, the best-validation model is used if there is one,
+    else the latest training state.
     """
+    from femtogpt.hf import is_hf_folder, load_hf
+    if is_hf_folder(path) and not os.path.exists(os.path.join(path, prefer)):
+        return load_hf(path)
     with TensorFile(checkpoint_path(path, prefer)) as f:
         model, tokenizer = model_from_file(f)
     model.eval()

@@ -184,7 +184,30 @@ def build_parser():
                           help="a run directory, a checkpoint file or a Hugging Face folder")
     p_verify.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                           help="show the full traceback on errors")
+    p_export = sub.add_parser(
+        "export", help="write a model as a Hugging Face GPT-2 folder",
+        description="Write a run's model (or a checkpoint, or a Hugging Face folder) as a "
+                    "Hugging Face GPT-2 folder: config.json, model.safetensors in Hugging "
+                    "Face's names and Conv1D layout, and GPT-2's tokenizer files, so that "
+                    "transformers' GPT2LMHeadModel.from_pretrained(DIR) loads it. The "
+                    "folder appears whole or not at all.")
+    p_export.add_argument("source", metavar="RUN", help="a run directory or checkpoint file")
+    p_export.add_argument("--to", required=True, metavar="DIR", help="the folder to write")
+    p_export.add_argument("--overwrite", action="store_true",
+                          help="replace DIR if it is not empty")
+    p_export.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                          help="show the full traceback on errors")
     return parser
+
+
+def export_command(args):
+    from .checkpoint import load
+    from .hf import export_hf
+    model, tokenizer = load(args.source)
+    for note in export_hf(model, tokenizer, args.to, overwrite=args.overwrite):
+        print(f"femtogpt: note: {note}", file=sys.stderr)
+    print(f"wrote {os.path.abspath(args.to)} ({model.num_parameters() / 1e6:.2f}M parameters)")
+    return 0
 
 
 def verify_command(args):
@@ -296,7 +319,7 @@ def main(argv=None):
         return 2
     from .sample import sample_command
     command = {"train": train_command, "sample": sample_command,
-               "verify": verify_command}[args.command]
+               "verify": verify_command, "export": export_command}[args.command]
     return run_guarded(command, args)
 
 

@@ -64,8 +64,9 @@ class TrainConfig:
             raise ConfigError(f"bias must be True or False, got {self.bias!r}")
         if self.gelu not in GELU_FORMS:
             raise ConfigError(f"--gelu must be {' or '.join(GELU_FORMS)}, got {self.gelu!r}")
-        if self.tokenizer not in ("char", "byte", "bpe"):
-            raise ConfigError(f"--tokenizer must be char, byte or bpe, got {self.tokenizer!r}")
+        if self.tokenizer not in ("char", "byte", "bpe", "gpt2"):
+            raise ConfigError(f"--tokenizer must be char, byte or bpe (or gpt2, with "
+                              f"--init-from a GPT-2 folder), got {self.tokenizer!r}")
         if not isinstance(self.vocab_size, int) or not 256 <= self.vocab_size <= 65536:
             raise ConfigError(f"--vocab-size must be an integer in [256, 65536] (bpe starts "
                               f"from the 256 byte values), got {self.vocab_size!r}")

@@ -67,6 +67,11 @@ _DTYPES = {
     "BOOL": np.dtype("?"),
 }
 _DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
+# bfloat16 (Hugging Face files): numpy has no such type, so its raw 16-bit words
+# are read as uint16 and widened by read_float32 (a bfloat16 is the top half of
+# a float32).
+_DTYPES["BF16"] = np.dtype("<u2")
+_FLOAT_KINDS = ("F32", "F16", "BF16", "F64")
 
 _METADATA_KEY = "__metadata__"
 _TENSOR_KEYS = {"dtype", "shape", "data_offsets"}
@@ -131,8 +136,10 @@ def _layout_for_writing(path: str, tensors, meta) -> tuple[bytes, list[np.ndarra
         offset += array.nbytes
     digest = {"algorithm": DIGEST_ALGORITHM,
               "tensors": {name: _digest(_bytes_of(a)) for name, a in arrays.items()}}
+    # "format": "pt" is what Hugging Face's loaders ask of a safetensors file
+    # (the tensors are PyTorch's layout); it lets them open ours too.
     header[_METADATA_KEY] = {"femtogpt": meta_json, "format_version": str(FORMAT_VERSION),
-                             "digest": json.dumps(digest)}
+                             "format": "pt", "digest": json.dumps(digest)}
     digest["header"] = _header_digest(header)
     header[_METADATA_KEY]["digest"] = json.dumps(digest)
     encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
@@ -234,6 +241,7 @@ class TensorFile:
             self.verified = self._digests is not None
             self._layout = {name: _parse_tensor_entry(path, name, entry)
                             for name, entry in header.items()}
+            self._kinds = {name: entry["dtype"] for name, entry in header.items()}
             _check_coverage(path, self._layout, data_len)
             if self.verified and set(self._digests) != set(self._layout):
                 raise CheckpointError(f"checkpoint digests do not list exactly its tensors; "
@@ -273,9 +281,32 @@ class TensorFile:
 
     def read(self, name) -> np.ndarray:
         """The tensor as a new, writable array in native byte order."""
+        if self.kind(name) == "BF16":
+            raise CheckpointError(f"{self.path}: tensor {name!r} has unsupported dtype 'BF16' "
+                                  f"for read() (numpy has no bfloat16; read_float32 "
+                                  f"converts it)")
+        return self._read_raw(name)
+
+    def _read_raw(self, name) -> np.ndarray:
         out = np.empty(self.shape(name), dtype=self.dtype(name))
         self.read_into(name, out)
         return out
+
+    def kind(self, name) -> str:
+        """The tensor's safetensors dtype name (F32, F16, BF16, ...)."""
+        self._entry(name)
+        return self._kinds[name]
+
+    def read_float32(self, name) -> np.ndarray:
+        """A floating-point tensor (F32, F16, BF16 or F64) as a new float32 array."""
+        kind = self.kind(name)
+        if kind not in _FLOAT_KINDS:
+            raise CheckpointError(f"{self.path}: tensor {name!r} is {kind}, not a "
+                                  f"floating-point tensor")
+        raw = self._read_raw(name)
+        if kind == "BF16":
+            return (raw.astype(np.uint32) << 16).view(np.float32)
+        return raw if kind == "F32" else raw.astype(np.float32)
 
     def read_all(self) -> dict[str, np.ndarray]:
         return {name: self.read(name) for name in self.names}
@@ -287,7 +318,7 @@ class TensorFile:
         dtype, shape, begin, end = self._entry(name)
         where = f"checkpoint tensor {name!r}"
         if out.shape != shape or out.dtype != dtype.newbyteorder("="):
-            raise CheckpointError(f"{self.path}: {where} is {_DTYPE_NAMES[dtype]} {list(shape)}, "
+            raise CheckpointError(f"{self.path}: {where} is {self._kinds[name]} {list(shape)}, "
                                   f"expected {out.dtype} {list(out.shape)}")
         if not (out.flags.c_contiguous and out.flags.writeable):
             raise ValueError("read_into needs a writable C-contiguous array")

@@ -523,6 +523,8 @@ class BPETokenizer(Tokenizer):
     """
 
     kind = "bpe"
+    # The pre-split pattern (a subclass may use another one).
+    _presplit = _PRESPLIT
 
     def __init__(self, merges=()):
         self._merges = _check_merges(merges)
@@ -565,7 +567,7 @@ class BPETokenizer(Tokenizer):
 
     def encode(self, text: str, what: str = "text") -> list[int]:
         ids: list[int] = []
-        self._encode_chunks(_PRESPLIT.findall(_presplit_text(text)), ids, {})
+        self._encode_chunks(self._presplit.findall(_presplit_text(text)), ids, {})
         return ids
 
     def encode_array(self, text: str, what: str = "text") -> np.ndarray:
@@ -575,7 +577,7 @@ class BPETokenizer(Tokenizer):
         carry = ""
         for start in range(0, len(text), _CHUNK_CHARS):
             piece = carry + text[start:start + _CHUNK_CHARS]
-            chunks = _PRESPLIT.findall(piece)
+            chunks = self._presplit.findall(piece)
             if start + _CHUNK_CHARS < len(text):
                 # The last chunk may continue in the next slice (or be split
                 # differently once the next character is known): keep it for then.
@@ -696,7 +698,17 @@ _FROM_DICT = {
     "bpe": lambda d: BPETokenizer(d["merges"]),
 }
 
+# The kinds `femtogpt train --tokenizer` fits to a text (gpt2 comes with its model).
 TOKENIZER_KINDS = tuple(sorted(_FROM_DICT))
+
+
+def _gpt2_from_dict(d):
+    from .gpt2_tokenizer import GPT2Tokenizer
+    return GPT2Tokenizer(d["byte_ids"], d["merges"], d["specials"])
+
+
+_DICT_KEYS["gpt2"] = {"type", "byte_ids", "merges", "specials"}
+_FROM_DICT["gpt2"] = _gpt2_from_dict
 
 
 def tokenizer_from_dict(d) -> Tokenizer:

@@ -87,6 +87,9 @@ class Run:
             if init_from is not None:
                 model, tokenizer = self._init_from(init_from, explicit)
             else:
+                if cfg.tokenizer == "gpt2":
+                    raise ConfigError("--tokenizer gpt2 comes with a GPT-2 model: use "
+                                      "--init-from GPT2_FOLDER (a Hugging Face GPT-2 folder)")
                 tokenizer = _fit_tokenizer(cfg, text, train_text)
                 model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size,
                                       block_size=cfg.block_size, n_layer=cfg.n_layer,
@@ -202,10 +205,23 @@ class Run:
             os.remove(self.metrics_path)    # this same run, started again
 
     def _init_from(self, source, explicit):
-        file = checkpoint_path(source, BEST_NAME)
-        with TensorFile(file) as f:
-            model, tokenizer = model_from_file(f)
+        from .hf import is_hf_folder, load_hf
+        if is_hf_folder(source) and not os.path.exists(os.path.join(source, BEST_NAME)):
+            file = source
+            model, tokenizer = load_hf(source)
+        else:
+            file = checkpoint_path(source, BEST_NAME)
+            with TensorFile(file) as f:
+                model, tokenizer = model_from_file(f)
         mc = model.config
+        if "block_size" in explicit and self.cfg.block_size != mc.block_size:
+            if self.cfg.block_size > mc.block_size:
+                raise ConfigError(f"--block-size {self.cfg.block_size} is more than the "
+                                  f"context of the model in {source} ({mc.block_size})")
+            model = _cropped(model, self.cfg.block_size)
+            self.log(f"context cropped from {mc.block_size} to {self.cfg.block_size} "
+                     f"positions (the position table's first rows)")
+            mc = model.config
         for name in ARCHITECTURE:
             if name in explicit and getattr(self.cfg, name) != getattr(mc, name):
                 raise ConfigError(
@@ -448,6 +464,17 @@ def _fit_tokenizer(cfg, text, train_text):
     if cfg.tokenizer == "bpe":
         return build_tokenizer("bpe", train_text, cfg.vocab_size)
     return build_tokenizer(cfg.tokenizer, text)
+
+
+def _cropped(model, block_size):
+    """model with its context cut to block_size: the first rows of its position
+    table (nanoGPT's crop_block_size)."""
+    config = replace(model.config, block_size=block_size)
+    cropped = GPT(config, init=False)
+    state = model.state_views()
+    state["transformer.wpe.weight"] = state["transformer.wpe.weight"][:block_size]
+    cropped.load_state_dict(state)
+    return cropped
 
 
 def _rng_from_state(state):

@@ -100,7 +100,8 @@ def _verify_foreign_folder(folder: str, shards: list[str]) -> list[tuple[str, st
             with TensorFile(shard, foreign=True) as f:
                 n_bytes = 0
                 for name in f.names:
-                    array = f.read(name)
+                    floating = f.kind(name) in ("F32", "F16", "BF16", "F64")
+                    array = f.read_float32(name) if floating else f.read(name)
                     n_bytes += array.nbytes
                     if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
                         raise CheckpointError(f"{shard}: tensor {name} holds NaN or infinite "

@@ -1,0 +1,293 @@
+"""GPT-2's tokenizer, read from the vocab.json and merges.txt of a Hugging Face folder.
+
+GPT-2's byte-level BPE is femtogpt's BPE (tokenizer.py) with three differences,
+all kept here so that a pretrained model sees exactly the ids it was trained on:
+  * its ids: each byte and each merge has the id vocab.json gives it (GPT-2
+    numbers the 256 bytes in its own order), and <|endoftext|> is a token;
+  * its pre-split: OpenAI's pattern, with English contractions and Unicode
+    letter and number classes (\\p{L}, \\p{N}), which Python's re spells out
+    here from unicodedata;
+  * vocab.json writes each byte as a printable character (bytes_to_unicode),
+    so that a token is a JSON string.
+Encoding runs BPETokenizer's merge loop on internal ids (byte b is b, merge r
+is 256 + r) and maps the result to GPT-2's ids with one table lookup.
+"""
+import functools
+import json
+import os
+import re
+import unicodedata
+
+import numpy as np
+
+from .errors import TokenizerError
+from .tokenizer import BPETokenizer, _ids_to_array
+
+ENDOFTEXT = "<|endoftext|>"
+# Unicode's White_Space property: what \s means to OpenAI's pattern (Python's \s
+# also takes U+001C..U+001F, which are not White_Space).
+_WHITE_SPACE = ("\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000")
+# A vocab.json or merges.txt larger than this is not a tokenizer (gpt2's are 1 MB and 456 KB).
+MAX_TOKENIZER_FILE_BYTES = 64 << 20
+
+
+@functools.lru_cache(maxsize=1)
+def bytes_to_unicode():
+    """GPT-2's printable stand-in for each byte: [256 one-character strings].
+
+    Bytes that are printable Latin-1 characters stand for themselves; the other
+    68 (controls, space, soft hyphen...) take the characters from U+0100 on, in
+    byte order.
+    """
+    printable = set(range(ord("!"), ord("~") + 1)) | set(range(0xA1, 0xAC + 1)) \
+        | set(range(0xAE, 0xFF + 1))
+    chars, extra = [], 0
+    for b in range(256):
+        if b in printable:
+            chars.append(chr(b))
+        else:
+            chars.append(chr(256 + extra))
+            extra += 1
+    return chars
+
+
+def _class_ranges(categories):
+    """A regex character class body for every code point whose category starts with one of
+    `categories` (surrogates excluded)."""
+    parts, start, prev = [], None, None
+    for cp in range(0x110000):
+        if 0xD800 <= cp <= 0xDFFF or unicodedata.category(chr(cp))[0] not in categories:
+            continue
+        if prev is not None and cp == prev + 1:
+            prev = cp
+            continue
+        if start is not None:
+            parts.append((start, prev))
+        start = prev = cp
+    parts.append((start, prev))
+    return "".join(re.escape(chr(a)) if a == b else f"{re.escape(chr(a))}-{re.escape(chr(b))}"
+                   for a, b in parts)
+
+
+@functools.lru_cache(maxsize=1)
+def gpt2_pattern():
+    r"""OpenAI's GPT-2 pre-split, compiled for Python's re:
+    's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
+    (built once per process from unicodedata: about a second)."""
+    letters, numbers, space = _class_ranges("L"), _class_ranges("N"), _WHITE_SPACE
+    return re.compile(
+        r"'s|'t|'re|'ve|'m|'ll|'d"
+        f"| ?[{letters}]+"
+        f"| ?[{numbers}]+"
+        f"| ?[^{space}{letters}{numbers}]+"
+        f"|[{space}]+(?![^{space}])"
+        f"|[{space}]+")
+
+
+class _LazyPattern:
+    """The pattern, compiled on first use (most runs never build a GPT-2 tokenizer)."""
+
+    def findall(self, text):
+        return gpt2_pattern().findall(text)
+
+
+class GPT2Tokenizer(BPETokenizer):
+    """GPT-2's byte-level BPE with GPT-2's ids and special tokens.
+
+    byte_ids[b] is the id of byte b; merges[r] = (a, b, new): merge r joins
+    tokens a and b into token new (ids as in vocab.json); specials maps a
+    special token's text to its id. The ids must be exactly 0..vocab_size-1.
+    A special token's text inside the text encodes as that token, as in
+    Hugging Face's tokenizer.
+    """
+
+    kind = "gpt2"
+    _presplit = _LazyPattern()
+
+    def __init__(self, byte_ids, merges, specials):
+        byte_ids, merges, specials = _check_parts(byte_ids, merges, specials)
+        to_internal = {ext: b for b, ext in enumerate(byte_ids)}
+        internal_merges = []
+        for r, (a, b, new) in enumerate(merges):
+            if a not in to_internal or b not in to_internal:
+                missing = a if a not in to_internal else b
+                raise TokenizerError(f"gpt2 tokenizer merge {r} uses token {missing} before "
+                                     f"any byte or earlier merge makes it")
+            if new in to_internal:
+                raise TokenizerError(f"gpt2 tokenizer merge {r} makes token {new}, which "
+                                     f"already exists")
+            internal_merges.append((to_internal[a], to_internal[b]))
+            to_internal[new] = 256 + r
+        super().__init__(internal_merges)
+        for text, ext in specials.items():
+            if ext in to_internal:
+                raise TokenizerError(f"gpt2 special token {text!r} has id {ext}, which a "
+                                     f"byte or merge already has")
+            to_internal[ext] = len(to_internal)
+        n = len(to_internal)
+        if sorted(to_internal) != list(range(n)):
+            raise TokenizerError(f"gpt2 tokenizer ids are not exactly 0..{n - 1}")
+        self._byte_ids, self._ext_merges, self._specials = byte_ids, merges, specials
+        self._to_external = np.zeros(n, dtype=np.int64)
+        for ext, internal in to_internal.items():
+            self._to_external[internal] = ext
+        # Each id's bytes: a byte's or merge's from BPETokenizer, a special's text.
+        vocab = [b""] * n
+        for ext, internal in to_internal.items():
+            if internal < len(self._vocab):
+                vocab[ext] = self._vocab[internal]
+        for text, ext in specials.items():
+            vocab[ext] = text.encode("utf-8")
+        self._ext_vocab = vocab
+        self._special_split = (re.compile("(" + "|".join(map(re.escape, sorted(
+            specials, key=len, reverse=True))) + ")") if specials else None)
+
+    # -- reading a Hugging Face folder
+
+    @classmethod
+    def from_files(cls, vocab_path, merges_path):
+        """GPT-2's tokenizer from vocab.json ({token: id}) and merges.txt ("a b" per line)."""
+        vocab = _read_json(vocab_path)
+        if not isinstance(vocab, dict) or not all(
+                isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
+                for k, v in vocab.items()):
+            raise TokenizerError(f"{vocab_path}: not a GPT-2 vocabulary (expected a JSON "
+                                 f"object of token strings to integer ids)")
+        to_byte = bytes_to_unicode()
+        try:
+            byte_ids = [vocab[ch] for ch in to_byte]
+        except KeyError as err:
+            raise TokenizerError(f"{vocab_path}: has no token for byte "
+                                 f"{to_byte.index(err.args[0])} ({err.args[0]!r}): not a "
+                                 f"byte-level BPE vocabulary") from None
+        merges, used = [], set(to_byte)
+        for lineno, line in enumerate(_read_lines(merges_path), 1):
+            if lineno == 1 and line.startswith("#version"):
+                continue
+            if not line.strip():
+                continue
+            parts = line.split(" ")
+            if len(parts) != 2 or not all(parts):
+                raise TokenizerError(f"{merges_path}:{lineno}: expected two tokens separated "
+                                     f"by one space, got {line[:80]!r}")
+            a, b = parts
+            joined = a + b
+            for token in (a, b, joined):
+                if token not in vocab:
+                    raise TokenizerError(f"{merges_path}:{lineno}: token {token[:60]!r} is "
+                                         f"not in {os.path.basename(vocab_path)}")
+            merges.append((vocab[a], vocab[b], vocab[joined]))
+            used.add(joined)
+        specials = {token: i for token, i in vocab.items() if token not in used}
+        return cls(byte_ids, merges, specials)
+
+    def vocab_json(self):
+        """{token string: id} as vocab.json writes it."""
+        to_char = bytes_to_unicode()
+        out = {}
+        for ext, data in enumerate(self._ext_vocab):
+            out[data.decode("utf-8") if ext in self._special_ids
+                else "".join(to_char[b] for b in data)] = ext
+        return out
+
+    def merges_txt(self):
+        """The text of merges.txt."""
+        to_char = bytes_to_unicode()
+        spell = lambda ext: "".join(to_char[b] for b in self._ext_vocab[ext])  # noqa: E731
+        return "#version: 0.2\n" + "".join(f"{spell(a)} {spell(b)}\n"
+                                           for a, b, _ in self._ext_merges)
+
+    @functools.cached_property
+    def _special_ids(self):
+        return set(self._specials.values())
+
+    # -- the Tokenizer interface
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._ext_vocab)
+
+    @property
+    def specials(self) -> dict:
+        return dict(self._specials)
+
+    def _segments(self, text):
+        """(text, None) and (None, special id) pieces, in order."""
+        if self._special_split is None:
+            yield text, None
+            return
+        for i, piece in enumerate(self._special_split.split(text)):
+            if i % 2:
+                yield None, self._specials[piece]
+            elif piece:
+                yield piece, None
+
+    def encode(self, text: str, what: str = "text") -> list[int]:
+        return self.encode_array(text, what).tolist()
+
+    def encode_array(self, text: str, what: str = "text") -> np.ndarray:
+        pieces = []
+        for segment, special in self._segments(text):
+            if special is not None:
+                pieces.append(np.array([special], dtype=np.int64))
+            else:
+                internal = BPETokenizer.encode_array(self, segment, what)
+                pieces.append(self._to_external[internal.astype(np.int64)])
+        ids = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
+        return ids.astype(self.id_dtype)
+
+    def decode_bytes(self, ids) -> bytes:
+        vocab = self._ext_vocab
+        return b"".join([vocab[i] for i in _ids_to_array(ids, self.vocab_size).tolist()])
+
+    def to_dict(self) -> dict:
+        return {"type": self.kind, "byte_ids": list(self._byte_ids),
+                "merges": [list(m) for m in self._ext_merges],
+                "specials": dict(self._specials)}
+
+
+def _check_parts(byte_ids, merges, specials):
+    def is_id(v):
+        return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and 0 <= v < 1 << 20
+    if not isinstance(byte_ids, (list, tuple)) or len(byte_ids) != 256 or not all(
+            is_id(v) for v in byte_ids) or len(set(byte_ids)) != 256:
+        raise TokenizerError("gpt2 tokenizer byte_ids must be 256 distinct ids")
+    if not isinstance(merges, (list, tuple)) or not all(
+            isinstance(m, (list, tuple)) and len(m) == 3 and all(is_id(v) for v in m)
+            for m in merges):
+        raise TokenizerError("gpt2 tokenizer merges must be a list of [a, b, new] ids")
+    if not isinstance(specials, dict) or not all(
+            isinstance(k, str) and k and is_id(v) for k, v in specials.items()):
+        raise TokenizerError("gpt2 tokenizer specials must map token text to an id")
+    return ([int(v) for v in byte_ids], [tuple(int(v) for v in m) for m in merges],
+            {k: int(v) for k, v in specials.items()})
+
+
+def _read_bytes(path):
+    try:
+        size = os.path.getsize(path)
+        if size > MAX_TOKENIZER_FILE_BYTES:
+            raise TokenizerError(f"{path}: {size} bytes is too large for a tokenizer file")
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as err:
+        raise TokenizerError(f"cannot read {path}: {err.strerror or err}") from None
+
+
+def _read_text(path):
+    try:
+        return _read_bytes(path).decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise TokenizerError(f"{path} is not UTF-8 text (byte {err.start})") from None
+
+
+def _read_json(path):
+    try:
+        return json.loads(_read_text(path))
+    except json.JSONDecodeError as err:
+        raise TokenizerError(f"{path} is not valid JSON (line {err.lineno}: {err.msg})") from None
+
+
+def _read_lines(path):
+    return _read_text(path).split("\n")
+

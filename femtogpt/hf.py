@@ -1,0 +1,320 @@
+"""Hugging Face GPT-2 folders: read one as a femtogpt model and tokenizer, write one.
+
+A folder as Hugging Face publishes gpt2, gpt2-medium, gpt2-large, gpt2-xl and
+distilgpt2 (the user downloads it; femtogpt never does):
+  config.json                    GPT2Config: the architecture
+  model.safetensors              the weights, or model.safetensors.index.json
+                                 and the shards it lists (gpt2-xl)
+  vocab.json, merges.txt         the tokenizer (gpt2_tokenizer.py)
+Hugging Face's GPT-2 stores its linear layers as Conv1D, weight (in, out):
+they are transposed into femtogpt's (out, in), nanoGPT's and PyTorch's
+Linear layout. The weights may be float32, float16 or bfloat16; femtogpt
+computes in float32. A folder with only pytorch_model.bin is refused: that
+file is a pickle, and loading a pickle can run any code it holds.
+
+These files carry no digest: their structure, shapes, dtypes and values (no
+NaN or infinity) are checked; damage that keeps a value finite cannot be seen.
+"""
+import json
+import math
+import os
+import shutil
+
+import numpy as np
+
+from .errors import CheckpointError, ConfigError
+from .model import GPT, GPTConfig
+from .tensorfile import TensorFile, save_tensors
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+VOCAB_NAME, MERGES_NAME = "vocab.json", "merges.txt"
+PICKLES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+MAX_JSON_BYTES = 64 << 20
+LAYER_NORM_EPS = 1e-5        # the core's (_core.pyx: LN_EPS), GPT-2's and PyTorch's default
+# GPT-2's activation names -> femtogpt's GELU form (gelu_new, gelu_fast and
+# gelu_pytorch_tanh are the same tanh formula; gelu is the exact erf form).
+ACTIVATIONS = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh",
+               "gelu": "exact"}
+# Conv1D weights, stored (in, out) by Hugging Face.
+TRANSPOSED = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight",
+              ".mlp.c_proj.weight")
+# Buffers that Hugging Face's GPT-2 saves beside its weights: the causal mask.
+SKIPPED = (".attn.bias", ".attn.masked_bias")
+
+
+def is_hf_folder(path) -> bool:
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, CONFIG_NAME))
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _read_json(path, what):
+    try:
+        size = os.path.getsize(path)
+        if size > MAX_JSON_BYTES:
+            raise CheckpointError(f"{path}: {size} bytes is too large for {what}")
+        with open(path, "rb") as f:
+            return json.loads(f.read().decode("utf-8"))
+    except OSError as err:
+        raise CheckpointError(f"cannot read {path}: {err.strerror or err}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise CheckpointError(f"{path} is not valid JSON ({err})") from None
+
+
+def config_from_hf(folder) -> GPTConfig:
+    """config.json as a GPTConfig; a setting femtogpt's model cannot represent is
+    refused by name."""
+    path = os.path.join(folder, CONFIG_NAME)
+    d = _read_json(path, "a model config")
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+
+    def refuse(problem):
+        raise CheckpointError(f"{path}: {problem}; femtogpt's GPT cannot represent it")
+
+    model_type = d.get("model_type", "gpt2")
+    if model_type != "gpt2":
+        refuse(f"model_type is {model_type!r}, not 'gpt2'")
+
+    def integer(*names):
+        for name in names:
+            if name in d:
+                value = d[name]
+                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                    raise CheckpointError(f"{path}: {name} must be a positive integer, "
+                                          f"got {value!r}")
+                return value
+        raise CheckpointError(f"{path} has no {names[0]}")
+
+    n_embd = integer("n_embd")
+    activation = d.get("activation_function", "gelu_new")
+    if activation not in ACTIVATIONS:
+        refuse(f"activation_function is {activation!r} (femtogpt has "
+               f"{', '.join(sorted(ACTIVATIONS))})")
+    n_inner = d.get("n_inner")
+    if n_inner is not None and n_inner != 4 * n_embd:
+        refuse(f"n_inner is {n_inner!r}, not 4 * n_embd = {4 * n_embd}")
+    eps = d.get("layer_norm_epsilon", LAYER_NORM_EPS)
+    if not isinstance(eps, (int, float)) or not math.isclose(eps, LAYER_NORM_EPS,
+                                                              rel_tol=1e-9):
+        refuse(f"layer_norm_epsilon is {eps!r}, not {LAYER_NORM_EPS}")
+    for name, wanted in (("tie_word_embeddings", True), ("scale_attn_weights", True),
+                         ("scale_attn_by_inverse_layer_idx", False),
+                         ("reorder_and_upcast_attn", False), ("add_cross_attention", False)):
+        if d.get(name, wanted) != wanted:
+            refuse(f"{name} is {d[name]!r}")
+    try:
+        return GPTConfig(vocab_size=integer("vocab_size"),
+                         block_size=integer("n_positions", "n_ctx"),
+                         n_layer=integer("n_layer"), n_head=integer("n_head"), n_embd=n_embd,
+                         dropout=0.0, bias=True, gelu=ACTIVATIONS[activation])
+    except (ValueError, ConfigError) as err:
+        raise CheckpointError(f"{path}: {err}") from None
+
+
+def _weight_files(folder):
+    """[path] of the safetensors files that hold the weights."""
+    single, index = os.path.join(folder, WEIGHTS_NAME), os.path.join(folder, INDEX_NAME)
+    if os.path.isfile(single):
+        return [single]
+    if os.path.isfile(index):
+        d = _read_json(index, "a weight index")
+        weight_map = d.get("weight_map") if isinstance(d, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map or not all(
+                isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index}: has no weight_map of tensor names to files")
+        shards = sorted(set(weight_map.values()))
+        for shard in shards:
+            # Only plain file names in this folder: an index must not point elsewhere.
+            if os.path.basename(shard) != shard or shard in ("", ".", ".."):
+                raise CheckpointError(f"{index}: shard {shard!r} is not a file name in "
+                                      f"this folder")
+            if not os.path.isfile(os.path.join(folder, shard)):
+                raise CheckpointError(f"{index} lists {shard}, which is not in {folder}")
+        return [os.path.join(folder, shard) for shard in shards]
+    pickles = [n for n in PICKLES if os.path.isfile(os.path.join(folder, n))]
+    if pickles:
+        raise CheckpointError(
+            f"{folder} has its weights only as {pickles[0]}, a Python pickle: loading a pickle "
+            f"can run any code it holds, so femtogpt never opens one. Convert it once, where "
+            f"you trust it, with transformers: GPT2LMHeadModel.from_pretrained(folder)"
+            f".save_pretrained(folder) writes {WEIGHTS_NAME}")
+    raise CheckpointError(f"{folder} has no {WEIGHTS_NAME} (nor {INDEX_NAME})")
+
+
+def read_hf_weights(folder, model) -> None:
+    """Fill model's parameters from the folder's safetensors files."""
+    files = [TensorFile(path, foreign=True) for path in _weight_files(folder)]
+    try:
+        where = {}
+        for f in files:
+            for name in f.names:
+                if name in where:
+                    raise CheckpointError(f"tensor {name} is in both {where[name].path} and "
+                                          f"{f.path}")
+                where[name] = f
+        views = model.state_views()
+        wanted = {}
+        for ours in views:
+            bare = ours[len("transformer."):] if ours.startswith("transformer.") else ours
+            present = [k for k in (ours, bare) if k in where]
+            if not present:
+                raise CheckpointError(f"{folder}: the weights have no tensor {ours} (nor {bare})")
+            if len(present) == 2:
+                raise CheckpointError(f"{folder}: the weights hold both {ours} and {bare}")
+            wanted[present[0]] = ours
+        for name in where:
+            if name not in wanted and name != "lm_head.weight" and not name.endswith(SKIPPED):
+                raise CheckpointError(f"{where[name].path}: unexpected tensor {name} (not part "
+                                      f"of a GPT-2 language model)")
+        for key, ours in wanted.items():
+            f, view = where[key], views[ours]
+            want = view.shape[::-1] if ours.endswith(TRANSPOSED) else view.shape
+            if f.shape(key) != want:
+                raise CheckpointError(f"{f.path}: tensor {key} has shape {list(f.shape(key))}, "
+                                      f"expected {list(want)} for this config.json")
+            value = f.read_float32(key)
+            view[...] = value.T if ours.endswith(TRANSPOSED) else value
+            if not np.all(np.isfinite(view)):
+                raise CheckpointError(f"{f.path}: tensor {key} holds NaN or infinite values "
+                                      f"(as float32)")
+        if "lm_head.weight" in where:
+            f = where["lm_head.weight"]
+            wte = views["transformer.wte.weight"]
+            if f.shape("lm_head.weight") != wte.shape or not np.array_equal(
+                    f.read_float32("lm_head.weight"), wte):
+                raise CheckpointError(f"{f.path}: lm_head.weight differs from the token "
+                                      f"embedding; femtogpt's head is tied to it")
+    finally:
+        for f in files:
+            f.close()
+
+
+def read_hf_tokenizer(folder):
+    from .errors import TokenizerError
+    from .gpt2_tokenizer import GPT2Tokenizer
+    vocab, merges = os.path.join(folder, VOCAB_NAME), os.path.join(folder, MERGES_NAME)
+    for path in (vocab, merges):
+        if not os.path.isfile(path):
+            raise CheckpointError(f"{folder} has no {os.path.basename(path)}: GPT-2's tokenizer "
+                                  f"is read from {VOCAB_NAME} and {MERGES_NAME}")
+    try:
+        return GPT2Tokenizer.from_files(vocab, merges)
+    except TokenizerError as err:
+        raise CheckpointError(str(err)) from None
+
+
+def load_hf(folder):
+    """(model, tokenizer) from a Hugging Face GPT-2 folder."""
+    config = config_from_hf(folder)
+    tokenizer = read_hf_tokenizer(folder)
+    if tokenizer.vocab_size != config.vocab_size:
+        raise CheckpointError(f"{folder}: the tokenizer has {tokenizer.vocab_size} tokens but "
+                              f"config.json says vocab_size {config.vocab_size}")
+    model = GPT(config, init=False)
+    read_hf_weights(folder, model)
+    model.eval()
+    return model, tokenizer
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def hf_config(config) -> dict:
+    """config.json for a femtogpt model, as transformers' GPT2Config writes it."""
+    return {
+        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
+        "vocab_size": config.vocab_size, "n_positions": config.block_size,
+        "n_ctx": config.block_size, "n_embd": config.n_embd, "n_layer": config.n_layer,
+        "n_head": config.n_head, "n_inner": None,
+        "activation_function": "gelu_new" if config.gelu == "tanh" else "gelu",
+        "resid_pdrop": config.dropout, "embd_pdrop": config.dropout,
+        "attn_pdrop": config.dropout, "layer_norm_epsilon": LAYER_NORM_EPS,
+        "initializer_range": 0.02, "scale_attn_weights": True, "use_cache": True,
+        "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
+        "tie_word_embeddings": True, "torch_dtype": "float32",
+    }
+
+
+def hf_tensors(model) -> dict:
+    """{Hugging Face name: float32 array}: Conv1D weights transposed, and zero
+    biases for a model trained without them (GPT-2 always has biases, and a
+    zero bias computes exactly what no bias does)."""
+    out = {}
+    views = model.state_views()
+    for name, view in views.items():
+        out[name] = np.ascontiguousarray(view.T) if name.endswith(TRANSPOSED) else view
+    if not model.config.bias:
+        C, L = model.config.n_embd, model.config.n_layer
+        widths = {"ln_1.bias": C, "attn.c_attn.bias": 3 * C, "attn.c_proj.bias": C,
+                  "ln_2.bias": C, "mlp.c_fc.bias": 4 * C, "mlp.c_proj.bias": C}
+        for layer in range(L):
+            for suffix, width in widths.items():
+                out[f"transformer.h.{layer}.{suffix}"] = np.zeros(width, np.float32)
+        out["transformer.ln_f.bias"] = np.zeros(C, np.float32)
+    return out
+
+
+def export_hf(model, tokenizer, folder, overwrite=False, meta=None) -> list:
+    """Write a Hugging Face GPT-2 folder; it appears whole or not at all.
+
+    Returns notes on what could not be carried over: a model with femtogpt's
+    own tokenizer (char, byte, bpe) gets config.json and the weights, but no
+    tokenizer files, since Hugging Face's GPT-2 tokenizer would give other ids
+    for the same text. An existing non-empty folder is replaced only with
+    overwrite=True.
+    """
+    from .gpt2_tokenizer import GPT2Tokenizer
+    notes = []
+    if not isinstance(tokenizer, GPT2Tokenizer):
+        notes.append(f"the model's {tokenizer.kind} tokenizer has no Hugging Face "
+                     f"equivalent: {folder} gets the weights and config.json but no "
+                     f"tokenizer files; its {tokenizer.kind} tokenizer stays in femtogpt's "
+                     f"checkpoint (femtogpt.load reads it)")
+    if not model.config.bias:
+        notes.append("the model has no biases; GPT-2's layout has them, so they are "
+                     "written as zeros (which computes the same)")
+    folder = os.path.abspath(folder)
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise ConfigError(f"--to {folder} exists and is not a folder")
+    if os.path.isdir(folder) and os.listdir(folder) and not overwrite:
+        raise ConfigError(f"--to {folder} is not empty: choose another folder, or "
+                          f"--overwrite to replace it")
+    parent = os.path.dirname(folder)
+    if not os.path.isdir(parent):
+        raise ConfigError(f"cannot create {folder}: {parent} does not exist")
+    temp = os.path.join(parent, f".{os.path.basename(folder)}.tmp-{os.getpid()}")
+    shutil.rmtree(temp, ignore_errors=True)
+    try:
+        os.makedirs(temp)
+        save_tensors(os.path.join(temp, WEIGHTS_NAME), hf_tensors(model), meta or {})
+        files = {CONFIG_NAME: json.dumps(hf_config(model.config), indent=2) + "\n"}
+        if isinstance(tokenizer, GPT2Tokenizer):
+            files[VOCAB_NAME] = json.dumps(tokenizer.vocab_json(), ensure_ascii=False)
+            files[MERGES_NAME] = tokenizer.merges_txt()
+            files["tokenizer_config.json"] = json.dumps({
+                "tokenizer_class": "GPT2Tokenizer",
+                "model_max_length": model.config.block_size,
+                **{k: t for t in tokenizer.specials for k in
+                   ("bos_token", "eos_token", "unk_token")}}, indent=2) + "\n"
+        for name, text in files.items():
+            with open(os.path.join(temp, name), "w", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+        if os.path.isdir(folder):
+            old = temp + "-old"
+            os.rename(folder, old)
+            os.rename(temp, folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(temp, folder)
+    except BaseException as err:
+        shutil.rmtree(temp, ignore_errors=True)
+        if isinstance(err, OSError):
+            raise ConfigError(f"could not write {folder}: {err.strerror or err}") from None
+        raise
+    return notes
