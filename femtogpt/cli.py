@@ -28,7 +28,9 @@ TRAIN_HELP = {
     "bias": "biases in every Linear and LayerNorm layer (GPT-2 has them; nanoGPT's "
             "train.py trains without)",
     "gelu": "GELU form: exact (erf, nanoGPT's nn.GELU) or tanh (GPT-2's approximation)",
-    "batch_size": "sequences per step",
+    "batch_size": "sequences per micro-batch (per step, with --grad-accum 1)",
+    "grad_accum": "micro-batches per optimizer step (nanoGPT's gradient_accumulation_steps): "
+                  "the same step as one batch N times larger, in one batch's memory",
     "max_iters": "training steps",
     "learning_rate": "peak AdamW learning rate (after warmup)",
     "min_lr": "learning rate at the end of the cosine decay",

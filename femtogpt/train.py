@@ -21,7 +21,8 @@ import numpy as np
 from . import _core
 from .checkpoint import (BEST_NAME, LATEST_NAME, TensorFile, checkpoint_path, model_from_file,
                          model_meta, save_checkpoint)
-from .config import ARCHITECTURE, BUNDLED_DATA, PRESETS, TrainConfig  # noqa: F401 (re-exported)
+from .config import (ARCHITECTURE, BUNDLED_DATA, FINETUNE_DEFAULTS,  # noqa: F401 (re-exported)
+                     PRESETS, TrainConfig)
 from .distributed import (TAIL_LOSS, TAIL_STOP_SLOTS, Solo, batch_share, default_threads,
                           fingerprint, rank_dropout_seed)
 from .data import check_split_size, encode_dataset, get_batch, read_text, split_train_val
@@ -209,6 +210,7 @@ class Run:
         if is_hf_folder(source) and not os.path.exists(os.path.join(source, BEST_NAME)):
             file = source
             model, tokenizer = load_hf(source)
+            explicit = self._apply_finetune_defaults(explicit, model.config)
         else:
             file = checkpoint_path(source, BEST_NAME)
             with TensorFile(file) as f:
@@ -242,6 +244,23 @@ class Run:
             model.config.dropout = self.cfg.dropout
         self.log(f"initialised from {file} (fresh optimizer)")
         return model, tokenizer
+
+    def _apply_finetune_defaults(self, explicit, model_config):
+        """FINETUNE_DEFAULTS for the settings not given; the settings that now
+        count as given (so that the context is cropped to the default's)."""
+        chosen = {name: value for name, value in FINETUNE_DEFAULTS.items()
+                  if name not in explicit}
+        chosen["block_size"] = min(chosen.get("block_size", self.cfg.block_size),
+                                   model_config.block_size)
+        for name, value in chosen.items():
+            setattr(self.cfg, name, value)
+        cfg = self.cfg.validate()
+        self.log(f"fine-tuning a pretrained GPT-2 (nanoGPT's recipe for it; each flag "
+                 f"overrides): learning rate {cfg.learning_rate:g}"
+                 f"{' constant' if cfg.min_lr == cfg.learning_rate else ''}, "
+                 f"{cfg.batch_size} sequences x {cfg.grad_accum} micro-batches of "
+                 f"{cfg.block_size} tokens per step, {cfg.max_iters} steps")
+        return set(explicit) | set(chosen)
 
     def _resume(self, explicit):
         with TensorFile(self.latest_path) as f:
@@ -334,17 +353,27 @@ class Run:
         `stop` is the signal (SIGINT, SIGTERM) this rank received, 0 for none;
         the returned stop is the one received on any rank, so that every rank
         stops after the same step and reports the same signal.
-        `batch` (x, y) replaces the random draw (tests feed chosen samples).
+        `batch` (x, y), or a list of grad_accum of them, replaces the random
+        draw (tests feed chosen samples).
         """
         cfg, model, comm = self.cfg, self.model, self.comm
+        micro = cfg.grad_accum
         if batch is None:
-            batch = get_batch(self.train_ids, self.local_batch, cfg.block_size,
-                              self.rng_train, "train")
-        loss = model.loss(*batch)
+            batches = [get_batch(self.train_ids, self.local_batch, cfg.block_size,
+                                 self.rng_train, "train") for _ in range(micro)]
+        else:
+            batches = [batch] if isinstance(batch, tuple) else list(batch)
+            if len(batches) != micro:
+                raise ValueError(f"expected {micro} micro-batches, got {len(batches)}")
         model.zero_grad()
-        # The global batch's mean gradient is the sum over ranks of each rank's
-        # mean gradient weighted by its share of the batch (1 in one process).
-        model.backward(accumulate=True, loss_scale=self.share)
+        loss = 0.0
+        for x, y in batches:
+            # The step's mean gradient is the sum over ranks and micro-batches of
+            # each one's mean gradient, weighted by its share of the rank's batch
+            # (1 in one process) over the number of micro-batches: one batch
+            # grad_accum times larger, computed in one micro-batch's memory.
+            loss += model.loss(x, y) / micro
+            model.backward(accumulate=True, loss_scale=self.share / micro)
         if comm.distributed:
             tail = model.grads_with_tail[model.grads_flat.size:]
             tail[:] = 0.0
@@ -604,7 +633,7 @@ def train(cfg, init_from=None, explicit=None, progress=None, stream=None, comm=N
             f"of every step (the global batch is --batch-size)")
     log(f"data: {run.data_info['path']} ({len(run.train_ids):,} train / "
         f"{len(run.val_ids):,} val tokens); out: {cfg.out}")
-    tokens_per_step = cfg.batch_size * cfg.block_size
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.block_size
     have_plot = True
     last_val = float("nan")
     interrupted = False

@@ -42,6 +42,8 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--native-dir", default=None)
+    ap.add_argument("--builds", default=None,
+                    help="comma-separated subset of the builds (default: all)")
     ap.add_argument("--json", default="bench_paths.json")
     args = ap.parse_args(argv)
     level = _cpu.cpu_level()
@@ -50,6 +52,9 @@ def main(argv=None):
     if args.native_dir:
         paths["native"] = {"PYTHONPATH": os.path.abspath(args.native_dir),
                            "FEMTOGPT_CPU": ""}
+    if args.builds:
+        keep = [b.strip() for b in args.builds.split(",")]
+        paths = {k: v for k, v in paths.items() if k in keep}
     chosen = femtogpt.build_info()["core"]
     presets = [p.strip() for p in args.presets.split(",") if p.strip()]
     results = {path: {p: [] for p in presets + ["sample"]} for path in paths}
@@ -77,7 +82,8 @@ def main(argv=None):
           + " | sampling (tok/s) |")
     print("|---|" + "---|" * (len(presets) + 1))
     for path, m in medians.items():
-        rel = [m[p] / medians[chosen][p] for p in presets]
+        ref = medians.get(chosen, m)
+        rel = [m[p] / ref[p] for p in presets]
         print(f"| {path}{' (picked)' if path == chosen else ''} | " + " | ".join(
             f"{m[p]:.1f} ({r:.2f}×)" for p, r in zip(presets, rel))
             + f" | {m['sample']:,.0f} |")

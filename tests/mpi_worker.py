@@ -25,8 +25,12 @@ def main():
     run = Run(cfg, log=lambda message: None, comm=comm)
     xs, ys, losses, first_grads = [], [], [], None
     for step in range(steps):
-        x, y = get_batch(run.train_ids, run.local_batch, cfg.block_size, run.rng_train)
-        loss, lr, stop = run.train_step(batch=(x, y))
+        # grad_accum micro-batches per step, each this rank's share of a batch.
+        micro = [get_batch(run.train_ids, run.local_batch, cfg.block_size, run.rng_train)
+                 for _ in range(cfg.grad_accum)]
+        loss, lr, stop = run.train_step(batch=micro if len(micro) > 1 else micro[0])
+        x = np.concatenate([b[0] for b in micro])
+        y = np.concatenate([b[1] for b in micro])
         xs.append(x)
         ys.append(y)
         losses.append(loss)

@@ -340,6 +340,10 @@ def files(tmp_path, trained):
 
 
 ERROR_CASES = [
+    (["train", "--data", "{data}", "--out", "{new}", "--grad-accum", "0"],
+     "--grad-accum must be a positive integer, got 0"),
+    (["export", "{out}", "--to", "{root}"],
+     "--to {root} is not empty: choose another folder, or --overwrite to replace it"),
     (["sample", "--out", "{nothing}"], "no checkpoint in directory {nothing}"),
     (["sample", "--checkpoint", "{missing}"], "checkpoint not found: {missing}"),
     (["train", "--data", "{missing}", "--out", "{new}"], "data file not found: {missing}"),

@@ -254,6 +254,32 @@ def test_two_ranks_equal_one_process_on_the_same_samples(mpiexec, tmp_path, batc
     np.testing.assert_allclose(ranks["params"], single.model.params_flat, rtol=0, atol=2e-5)
 
 
+def test_two_ranks_with_grad_accum_equal_one_process_with_the_whole_batch(mpiexec, tmp_path):
+    # 2 ranks (3 + 2 sequences) x 2 micro-batches == one process, one batch of 10.
+    steps, accum = 3, 2
+    cfg = tiny(tmp_path, write_text(str(tmp_path)), out="ranks", batch_size=5,
+               grad_accum=accum, dropout=0.0, grad_clip=0.0)
+    result = str(tmp_path / "ranks.npz")
+    proc = subprocess.run(
+        [mpiexec, "-n", "2", sys.executable, os.path.join(HERE, "mpi_worker.py"),
+         json.dumps(dataclasses.asdict(cfg)), result, str(steps)],
+        env=mpi_env(), cwd=PACKAGE_PARENT, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    ranks = np.load(result)
+    assert len(set(ranks["fingerprints"].tolist())) == 1
+    assert list(ranks["local_batches"]) == [3 * accum, 2 * accum]
+    x, y = ranks["x"], ranks["y"]
+    single = Run(dataclasses.replace(cfg, out=str(tmp_path / "single"), batch_size=10,
+                                     grad_accum=1), log=lambda m: None)
+    for step in range(steps):
+        loss, _, _ = single.train_step(batch=(x[step], y[step]))
+        assert abs(loss - ranks["losses"][step]) < 2e-6 * max(1.0, abs(loss))
+        if step == 0:
+            np.testing.assert_allclose(ranks["first_grads"], single.model.grads_flat,
+                                       rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(ranks["params"], single.model.params_flat, rtol=0, atol=2e-5)
+
+
 # -- the command line ---------------------------------------------------------------------
 
 

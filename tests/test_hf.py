@@ -350,6 +350,14 @@ def test_sample_finetune_and_export_from_the_command_line(tmp_path):
             "--sample-tokens", "0")
     assert t.returncode == 0, t.stderr
     assert "context cropped from 32 to 16" in t.stdout + t.stderr
+    # nanoGPT's fine-tuning recipe for the settings not given, said at the start.
+    assert "fine-tuning a pretrained GPT-2" in t.stdout + t.stderr
+    from femtogpt.tensorfile import TensorFile
+    with TensorFile(tmp_path / "ft" / "ckpt.safetensors") as f:
+        saved = f.meta["train_config"]
+    assert (saved["learning_rate"], saved["min_lr"], saved["warmup_iters"]) == (3e-5, 3e-5, 0)
+    assert (saved["batch_size"], saved["grad_accum"], saved["max_iters"]) == (4, 4, 4)
+    assert saved["tokenizer"] == "gpt2" and saved["block_size"] == 16
     ft, ft_tok = femtogpt.load(tmp_path / "ft")
     assert ft.config.block_size == 16 and ft_tok.to_dict() == tok.to_dict()
     np.testing.assert_array_equal(ft.state_dict()["transformer.wpe.weight"].shape, (16, 16))

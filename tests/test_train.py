@@ -29,6 +29,7 @@ from femtogpt import train as train_module
 from femtogpt.checkpoint import load_checkpoint, save_checkpoint
 from femtogpt.errors import CheckpointError, ConfigError
 from femtogpt.train import AdamW, Run, TrainConfig, get_lr, grad_norm, train
+from femtogpt.data import get_batch
 
 TEXT = "the quick brown fox jumps over the lazy dog.\n" * 40
 VOCAB = sorted(set(TEXT))
@@ -1056,3 +1057,40 @@ class _Lines:
 
     def flush(self):
         pass
+
+
+# --------------------------------------------------------------------------- gradient accumulation
+
+
+def test_grad_accum_step_equals_one_batch_that_many_times_larger(tmp_path, data_file):
+    # nanoGPT's gradient_accumulation_steps: N micro-batches of B sequences make
+    # the same optimizer step as one batch of N*B (up to float32 summation order).
+    big = Run(tiny(tmp_path, data_file, out="big", batch_size=6, grad_accum=1), log=lambda m: None)
+    acc = Run(tiny(tmp_path, data_file, out="acc", batch_size=2, grad_accum=3), log=lambda m: None)
+    acc.model.load_state_dict(big.model.state_dict())
+    rng = np.random.default_rng(3)
+    for step in range(3):
+        x, y = get_batch(big.train_ids, 6, 8, rng)
+        loss_big, lr_big, _ = big.train_step(batch=(x, y))
+        loss_acc, lr_acc, _ = acc.train_step(batch=[(x[i:i + 2], y[i:i + 2]) for i in (0, 2, 4)])
+        assert lr_acc == lr_big
+        assert loss_acc == pytest.approx(loss_big, rel=1e-6)
+    for name, value in big.model.state_dict().items():
+        np.testing.assert_allclose(acc.model.state_dict()[name], value, rtol=1e-4, atol=1e-6,
+                                   err_msg=name)
+    # A wrong count of micro-batches is refused, not silently used.
+    with pytest.raises(ValueError, match="expected 3 micro-batches"):
+        acc.train_step(batch=(x[:2], y[:2]))
+
+
+def test_grad_accum_draws_its_micro_batches_from_the_run_stream(tmp_path, data_file):
+    # grad_accum=1 keeps the single-batch stream; N draws N batches per step.
+    one = Run(tiny(tmp_path, data_file, out="one", grad_accum=1), log=lambda m: None)
+    two = Run(tiny(tmp_path, data_file, out="two", grad_accum=2), log=lambda m: None)
+    one.train_step()
+    two.train_step()
+    fresh = np.random.default_rng([7, 0])
+    get_batch(one.train_ids, 4, 8, fresh)
+    get_batch(one.train_ids, 4, 8, fresh)
+    assert two.rng_train.bit_generator.state == fresh.bit_generator.state
+    assert one.rng_train.bit_generator.state != fresh.bit_generator.state
