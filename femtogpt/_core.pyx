@@ -1364,15 +1364,26 @@ cdef float dot(const float* a, const float* b, int n) noexcept nogil:
     return total
 
 
+DEF MATVEC_PARALLEL_MIN = 262144  # multiply-adds below which one thread beats a fork
+
 cdef void matvec_forward(float* out, const float* inp, const float* weight,
                          const float* bias, int B, int C_in, int C_out) noexcept nogil:
     # matmul_forward for a handful of rows (decoding): out (B,C_out) =
     # inp (B,C_in) @ weight^T + bias. sgemm's fixed cost per call is larger than
-    # this much work, so it is a dot product per output, serially.
+    # this much work, so it is a dot product per output. At batch 1 decoding
+    # reads every weight once per token, so it is bound by memory bandwidth:
+    # the outputs are split over the threads in contiguous blocks, each thread
+    # streaming its own rows of the weight. Each output is one thread's dot
+    # product, so the result does not depend on the thread count.
     cdef Py_ssize_t b, o
+    cdef bint parallel = <Py_ssize_t>C_out * C_in >= MATVEC_PARALLEL_MIN
     for b in range(B):
-        for o in range(C_out):
-            out[b * C_out + o] = dot(inp + b * C_in, weight + o * C_in, C_in)
+        if parallel:
+            for o in prange(C_out, schedule="static"):
+                out[b * C_out + o] = dot(inp + b * C_in, weight + o * C_in, C_in)
+        else:
+            for o in range(C_out):
+                out[b * C_out + o] = dot(inp + b * C_in, weight + o * C_in, C_in)
         if bias != NULL:
             add_into(out + b * C_out, bias, C_out)
 

@@ -148,6 +148,56 @@ class GPT2Tokenizer(BPETokenizer):
     def from_files(cls, vocab_path, merges_path):
         """GPT-2's tokenizer from vocab.json ({token: id}) and merges.txt ("a b" per line)."""
         vocab = _read_json(vocab_path)
+        pairs = []
+        for lineno, line in enumerate(_read_lines(merges_path), 1):
+            if lineno == 1 and line.startswith("#version"):
+                continue
+            if not line.strip():
+                continue
+            parts = line.split(" ")
+            if len(parts) != 2 or not all(parts):
+                raise TokenizerError(f"{merges_path}:{lineno}: expected two tokens separated "
+                                     f"by one space, got {line[:80]!r}")
+            pairs.append((parts[0], parts[1], f"{merges_path}:{lineno}"))
+        return cls._from_vocab_and_merges(vocab, pairs, vocab_path)
+
+    @classmethod
+    def from_tokenizer_json(cls, path):
+        """GPT-2's tokenizer from a Hugging Face tokenizer.json (a byte-level BPE
+        with GPT-2's pre-split); any other kind of tokenizer is refused by name."""
+        d = _read_json(path)
+        model = d.get("model") if isinstance(d, dict) else None
+        if not isinstance(model, dict) or model.get("type") != "BPE":
+            raise TokenizerError(f"{path}: not a BPE tokenizer (model.type is "
+                                 f"{model.get('type') if isinstance(model, dict) else None!r})")
+        pre = d.get("pre_tokenizer")
+        if not (isinstance(pre, dict) and pre.get("type") == "ByteLevel"
+                and not pre.get("add_prefix_space", False) and pre.get("use_regex", True)):
+            raise TokenizerError(f"{path}: its pre_tokenizer is not GPT-2's (ByteLevel, "
+                                 f"use_regex, no added prefix space)")
+        if d.get("normalizer") is not None:
+            raise TokenizerError(f"{path}: has a normalizer, which GPT-2's tokenizer has not")
+        vocab = model.get("vocab")
+        if not isinstance(vocab, dict):
+            raise TokenizerError(f"{path}: model.vocab is not an object")
+        vocab = dict(vocab)
+        for token in d.get("added_tokens") or []:
+            if not (isinstance(token, dict) and isinstance(token.get("content"), str)
+                    and isinstance(token.get("id"), int)):
+                raise TokenizerError(f"{path}: malformed added_tokens entry")
+            vocab.setdefault(token["content"], token["id"])
+        pairs = []
+        for i, merge in enumerate(model.get("merges") or []):
+            # Two spellings: "a b" (tokenizers before 0.20) or ["a", "b"].
+            parts = merge.split(" ") if isinstance(merge, str) else merge
+            if not (isinstance(parts, list) and len(parts) == 2
+                    and all(isinstance(p, str) and p for p in parts)):
+                raise TokenizerError(f"{path}: merge {i} is not a pair of tokens: {merge!r:.80}")
+            pairs.append((parts[0], parts[1], f"{path}: merge {i}"))
+        return cls._from_vocab_and_merges(vocab, pairs, path)
+
+    @classmethod
+    def _from_vocab_and_merges(cls, vocab, pairs, vocab_path):
         if not isinstance(vocab, dict) or not all(
                 isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
                 for k, v in vocab.items()):
@@ -161,21 +211,12 @@ class GPT2Tokenizer(BPETokenizer):
                                  f"{to_byte.index(err.args[0])} ({err.args[0]!r}): not a "
                                  f"byte-level BPE vocabulary") from None
         merges, used = [], set(to_byte)
-        for lineno, line in enumerate(_read_lines(merges_path), 1):
-            if lineno == 1 and line.startswith("#version"):
-                continue
-            if not line.strip():
-                continue
-            parts = line.split(" ")
-            if len(parts) != 2 or not all(parts):
-                raise TokenizerError(f"{merges_path}:{lineno}: expected two tokens separated "
-                                     f"by one space, got {line[:80]!r}")
-            a, b = parts
+        for a, b, where in pairs:
             joined = a + b
             for token in (a, b, joined):
                 if token not in vocab:
-                    raise TokenizerError(f"{merges_path}:{lineno}: token {token[:60]!r} is "
-                                         f"not in {os.path.basename(vocab_path)}")
+                    raise TokenizerError(f"{where}: token {token[:60]!r} is not in "
+                                         f"{os.path.basename(os.fspath(vocab_path))}")
             merges.append((vocab[a], vocab[b], vocab[joined]))
             used.add(joined)
         specials = {token: i for token, i in vocab.items() if token not in used}

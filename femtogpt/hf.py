@@ -5,7 +5,7 @@ distilgpt2 (the user downloads it; femtogpt never does):
   config.json                    GPT2Config: the architecture
   model.safetensors              the weights, or model.safetensors.index.json
                                  and the shards it lists (gpt2-xl)
-  vocab.json, merges.txt         the tokenizer (gpt2_tokenizer.py)
+  vocab.json, merges.txt         the tokenizer (gpt2_tokenizer.py), or tokenizer.json
 Hugging Face's GPT-2 stores its linear layers as Conv1D, weight (in, out):
 they are transposed into femtogpt's (out, in), nanoGPT's and PyTorch's
 Linear layout. The weights may be float32, float16 or bfloat16; femtogpt
@@ -29,7 +29,7 @@ from .tensorfile import TensorFile, save_tensors
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
-VOCAB_NAME, MERGES_NAME = "vocab.json", "merges.txt"
+VOCAB_NAME, MERGES_NAME, TOKENIZER_JSON = "vocab.json", "merges.txt", "tokenizer.json"
 PICKLES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 MAX_JSON_BYTES = 64 << 20
 LAYER_NORM_EPS = 1e-5        # the core's (_core.pyx: LN_EPS), GPT-2's and PyTorch's default
@@ -197,14 +197,16 @@ def read_hf_tokenizer(folder):
     from .errors import TokenizerError
     from .gpt2_tokenizer import GPT2Tokenizer
     vocab, merges = os.path.join(folder, VOCAB_NAME), os.path.join(folder, MERGES_NAME)
-    for path in (vocab, merges):
-        if not os.path.isfile(path):
-            raise CheckpointError(f"{folder} has no {os.path.basename(path)}: GPT-2's tokenizer "
-                                  f"is read from {VOCAB_NAME} and {MERGES_NAME}")
+    tokenizer_json = os.path.join(folder, TOKENIZER_JSON)
     try:
-        return GPT2Tokenizer.from_files(vocab, merges)
+        if os.path.isfile(vocab) and os.path.isfile(merges):
+            return GPT2Tokenizer.from_files(vocab, merges)
+        if os.path.isfile(tokenizer_json):
+            return GPT2Tokenizer.from_tokenizer_json(tokenizer_json)
     except TokenizerError as err:
         raise CheckpointError(str(err)) from None
+    raise CheckpointError(f"{folder} has no tokenizer: GPT-2's is read from {VOCAB_NAME} and "
+                          f"{MERGES_NAME}, or from {TOKENIZER_JSON}")
 
 
 def load_hf(folder):

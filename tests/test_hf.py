@@ -401,3 +401,39 @@ def test_ids_match_huggingface_tokenizers(tmp_path):
     for text in (TEXT, "We're they'll I'M 'S x'd", "\t tabs\u00a0nbsp\u2003 em  \n\n  ",
                  "a<|endoftext|>b", "日本語😀 ½²Ⅻ \x1c\x1f"):
         assert ours.encode(text) == theirs.encode(text).ids, text
+
+
+def _tokenizer_json(folder, merges_as_pairs):
+    vocab = json.load(open(folder / "vocab.json", encoding="utf-8"))
+    lines = open(folder / "merges.txt", encoding="utf-8").read().split("\n")[1:]
+    merges = [line.split(" ") if merges_as_pairs else line for line in lines if line]
+    special = vocab.pop("<|endoftext|>")
+    return {"version": "1.0", "normalizer": None,
+            "added_tokens": [{"id": special, "content": "<|endoftext|>", "special": True}],
+            "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False,
+                              "trim_offsets": True, "use_regex": True},
+            "model": {"type": "BPE", "vocab": vocab, "merges": merges}}
+
+
+@pytest.mark.parametrize("merges_as_pairs", [False, True])
+def test_tokenizer_json_gives_the_same_tokenizer(tmp_path, merges_as_pairs):
+    gpt2_files(tmp_path)
+    want = GPT2Tokenizer.from_files(tmp_path / "vocab.json", tmp_path / "merges.txt")
+    d = _tokenizer_json(tmp_path, merges_as_pairs)
+    (tmp_path / "tokenizer.json").write_text(json.dumps(d, ensure_ascii=False), encoding="utf-8")
+    got = GPT2Tokenizer.from_tokenizer_json(tmp_path / "tokenizer.json")
+    assert got.to_dict() == want.to_dict()
+    # A folder with only tokenizer.json loads with it.
+    make_folder(tmp_path / "m")
+    (tmp_path / "m" / "tokenizer.json").write_text(json.dumps(_tokenizer_json(
+        tmp_path / "m", merges_as_pairs), ensure_ascii=False), encoding="utf-8")
+    expected = GPT2Tokenizer.from_files(tmp_path / "m" / "vocab.json", tmp_path / "m" / "merges.txt")
+    os.remove(tmp_path / "m" / "vocab.json")
+    os.remove(tmp_path / "m" / "merges.txt")
+    _, tok = load_hf(tmp_path / "m")
+    assert tok.to_dict() == expected.to_dict()
+    # Another pre-split (here: a prefix space) is not GPT-2's tokenizer.
+    d["pre_tokenizer"]["add_prefix_space"] = True
+    (tmp_path / "tokenizer.json").write_text(json.dumps(d), encoding="utf-8")
+    with pytest.raises(femtogpt.TokenizerError, match="pre_tokenizer is not GPT-2's"):
+        GPT2Tokenizer.from_tokenizer_json(tmp_path / "tokenizer.json")

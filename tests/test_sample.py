@@ -307,6 +307,29 @@ def test_kv_cache_logits_equal_full_forward(options):
     np.testing.assert_allclose(model.prefill_logits(idx), full[:, -1], atol=1e-5, rtol=1e-5)
 
 
+def test_wide_model_decodes_on_every_thread_with_the_same_logits():
+    # 256 wide: the MLP's and the classifier's matrix-vector products are large
+    # enough to be split over the threads (matvec_forward). Each output is one
+    # thread's dot product, so 1 and 2 threads agree bit for bit, and the cache
+    # still equals the full forward pass.
+    model = GPT(GPTConfig(vocab_size=1200, block_size=8, n_layer=1, n_head=4, n_embd=256),
+                seed=2)
+    idx = np.random.default_rng(3).integers(0, 1200, size=(2, 8))
+    full = model.forward(idx)[0]
+    saved = femtogpt.get_num_threads()
+    decoded = {}
+    try:
+        for threads in (1, 2):
+            femtogpt.set_num_threads(threads)
+            model.prefill_logits(idx[:, :2])
+            decoded[threads] = np.stack([model.decode_logits(idx[:, t], t)
+                                         for t in range(2, 8)], axis=1)
+    finally:
+        femtogpt.set_num_threads(saved)
+    np.testing.assert_array_equal(decoded[1], decoded[2])
+    np.testing.assert_allclose(decoded[2], full[:, 2:], atol=1e-5, rtol=1e-5)
+
+
 def test_kv_cache_refuses_positions_it_does_not_hold(model):
     idx = np.zeros((1, 3), dtype=np.int64)
     model.prefill_logits(idx)
