@@ -724,20 +724,30 @@ cdef inline void apply_dropout_tt(float* out, const float* att, int T, float p,
         out[i] = att[i] * dropout_scale(seed, first + i, threshold, keep_scale)
 
 
+DEF ATT_SLOT = 3     # T x T arrays in one thread's attention scratch
+
+
+cdef inline void attention_probs(float* att, const float* qkv, int T, int C,
+                                 int hs) noexcept nogil:
+    # att (T,T) = softmax over the causal past of scale * q @ k^T, for one
+    # (batch, head) whose q, k are column blocks of qkv (T, 3C). Forward and
+    # backward both call this on the same inputs with the same single-threaded
+    # sgemm, so backward recomputes exactly the probabilities forward used.
+    gemm(False, True, T, T, hs, 1.0 / sqrtf(hs), qkv, 3 * C, qkv + C, 3 * C, 0.0, att, T)
+    causal_softmax_rows(att, T)
+
+
 cdef inline void attention_head_forward(float* out, float* att, float* scratch,
                                         const float* qkv, int T, int C, int hs,
                                         float p, uint64_t seed,
                                         uint64_t first) noexcept nogil:
     # One (batch, head). q, k, v are column blocks of qkv (T, 3C): row stride 3C.
-    # out: this head's columns of (T, C), row stride C. att (T,T): probabilities.
-    cdef const float* q = qkv
-    cdef const float* k = qkv + C
+    # out: this head's columns of (T, C), row stride C. att (T,T): where the
+    # probabilities go (the thread's scratch in training: nothing T x T is kept).
+    # scratch (T,T): the dropped-out probabilities.
     cdef const float* v = qkv + 2 * C
-    cdef float scale = 1.0 / sqrtf(hs)
     cdef const float* att_used = att
-    # att = scale * q @ k^T, then softmax over the causal past
-    gemm(False, True, T, T, hs, scale, q, 3 * C, k, 3 * C, 0.0, att, T)
-    causal_softmax_rows(att, T)
+    attention_probs(att, qkv, T, C, hs)
     if p > 0.0:
         apply_dropout_tt(scratch, att, T, p, seed, first)
         att_used = scratch
@@ -749,28 +759,35 @@ cdef void attention_forward(float* out, float* att, float* scratch,
                             const float* qkv,
                             int B, int T, int C, int NH,
                             float p, uint64_t seed, int n_slots) noexcept nogil:
-    # out (B,T,C): heads side by side; att (B,NH,T,T); qkv (B,T,3C)
-    # scratch: n_slots * 2*T*T floats, one slot per thread (dropout only)
+    # out (B,T,C): heads side by side; qkv (B,T,3C). att (B,NH,T,T) receives the
+    # probabilities, or NULL: training keeps none (backward recomputes them, so
+    # memory does not grow with L * B * NH * T * T), each head's go to its
+    # thread's scratch. scratch: n_slots * ATT_SLOT * T*T floats, one slot per thread.
     cdef int hs = C // NH
     cdef Py_ssize_t bh, b, h, tt = <Py_ssize_t>T * T
+    cdef float* slot
     cdef int nthreads = openmp.omp_get_max_threads()
     if nthreads > n_slots:
         nthreads = n_slots
     for bh in prange(<Py_ssize_t>B * NH, schedule="dynamic", num_threads=nthreads):
         b = bh // NH
         h = bh % NH
-        attention_head_forward(out + b * T * C + h * hs, att + bh * tt,
-                               scratch + openmp.omp_get_thread_num() * 2 * tt,
+        slot = scratch + openmp.omp_get_thread_num() * ATT_SLOT * tt
+        attention_head_forward(out + b * T * C + h * hs,
+                               att + bh * tt if att != NULL else slot + tt, slot,
                                qkv + b * T * 3 * C + h * hs, T, C, hs,
                                p, seed, <uint64_t>(bh * tt))
 
 
 cdef inline void attention_head_backward(float* dqkv, float* scratch,
                                          const float* dout, const float* qkv,
-                                         const float* att, int T, int C, int hs,
+                                         int T, int C, int hs,
                                          float p, uint64_t seed,
                                          uint64_t first) noexcept nogil:
     # One (batch, head): dq, dk, dv are written into this head's columns of dqkv.
+    # scratch (ATT_SLOT, T, T): the probabilities, recomputed (flash attention's
+    # trade: a q @ k^T more, instead of keeping every layer's T x T), their
+    # gradient, and the dropped-out probabilities.
     cdef const float* q = qkv
     cdef const float* k = qkv + C
     cdef const float* v = qkv + 2 * C
@@ -781,6 +798,7 @@ cdef inline void attention_head_backward(float* dqkv, float* scratch,
     cdef Py_ssize_t tt = <Py_ssize_t>T * T
     cdef float* datt = scratch            # (T,T): d(att), then d(scores)
     cdef float* att_dropped = scratch + tt
+    cdef float* att = scratch + 2 * tt
     cdef const float* att_used = att
     cdef uint32_t threshold = dropout_threshold(p)
     cdef float keep_scale = 1.0
@@ -788,6 +806,7 @@ cdef inline void attention_head_backward(float* dqkv, float* scratch,
     cdef float dot
     cdef float* drow
     cdef const float* arow
+    attention_probs(att, qkv, T, C, hs)
     if p > 0.0:
         keep_scale = 1.0 / (1.0 - p)
         apply_dropout_tt(att_dropped, att, T, p, seed, first)
@@ -816,10 +835,11 @@ cdef inline void attention_head_backward(float* dqkv, float* scratch,
 
 
 cdef void attention_backward(float* dqkv, float* scratch,
-                             const float* dout, const float* qkv, const float* att,
+                             const float* dout, const float* qkv,
                              int B, int T, int C, int NH,
                              float p, uint64_t seed, int n_slots) noexcept nogil:
-    # dqkv (B,T,3C) written; dout (B,T,C); qkv, att as saved by forward
+    # dqkv (B,T,3C) written; dout (B,T,C); qkv as saved by forward;
+    # scratch: n_slots * ATT_SLOT * T*T floats
     cdef int hs = C // NH
     cdef Py_ssize_t bh, b, h, tt = <Py_ssize_t>T * T
     cdef int nthreads = openmp.omp_get_max_threads()
@@ -829,9 +849,9 @@ cdef void attention_backward(float* dqkv, float* scratch,
         b = bh // NH
         h = bh % NH
         attention_head_backward(dqkv + b * T * 3 * C + h * hs,
-                                scratch + openmp.omp_get_thread_num() * 2 * tt,
+                                scratch + openmp.omp_get_thread_num() * ATT_SLOT * tt,
                                 dout + b * T * C + h * hs, qkv + b * T * 3 * C + h * hs,
-                                att + bh * tt, T, C, hs, p, seed, <uint64_t>(bh * tt))
+                                T, C, hs, p, seed, <uint64_t>(bh * tt))
 
 
 # --- fused softmax + cross-entropy ------------------------------------------------
@@ -1096,27 +1116,25 @@ def py_attention_forward(float[::1] out, float[::1] att, const float[::1] qkv,
                             ("att", att, <Py_ssize_t>B * NH * T * T),
                             ("qkv", qkv, <Py_ssize_t>B * T * 3 * C)):
         _need(name, arr.shape[0], size)
-    scratch = Buffer(n_slots * 2 * <Py_ssize_t>T * T)
+    scratch = Buffer(n_slots * ATT_SLOT * <Py_ssize_t>T * T)
     with nogil:
         attention_forward(&out[0], &att[0], scratch.data, &qkv[0], B, T, C, NH,
                           p, seed, <int>n_slots)
 
 
 def py_attention_backward(float[::1] dqkv, const float[::1] dout, const float[::1] qkv,
-                          const float[::1] att, int B, int T, int C, int NH,
-                          float p=0.0, uint64_t seed=0):
+                          int B, int T, int C, int NH, float p=0.0, uint64_t seed=0):
     cdef Py_ssize_t n_slots = openmp.omp_get_max_threads()
     cdef Buffer scratch
     _check_attention_sizes(B, T, C, NH)
     _check_dropout(p)
     for name, arr, size in (("dqkv", dqkv, <Py_ssize_t>B * T * 3 * C),
                             ("dout", dout, <Py_ssize_t>B * T * C),
-                            ("qkv", qkv, <Py_ssize_t>B * T * 3 * C),
-                            ("att", att, <Py_ssize_t>B * NH * T * T)):
+                            ("qkv", qkv, <Py_ssize_t>B * T * 3 * C)):
         _need(name, arr.shape[0], size)
-    scratch = Buffer(n_slots * 2 * <Py_ssize_t>T * T)
+    scratch = Buffer(n_slots * ATT_SLOT * <Py_ssize_t>T * T)
     with nogil:
-        attention_backward(&dqkv[0], scratch.data, &dout[0], &qkv[0], &att[0],
+        attention_backward(&dqkv[0], scratch.data, &dout[0], &qkv[0],
                            B, T, C, NH, p, seed, <int>n_slots)
 
 
@@ -1446,7 +1464,6 @@ cdef struct Activations:
     float* ln1_mean   # (L, N)
     float* ln1_rstd   # (L, N)
     float* qkv        # (L, N, 3C)
-    float* att        # (L, B, NH, T, T) attention probabilities (before dropout)
     float* atty       # (L, N, C)    attention output, heads side by side, before c_proj
     float* res2       # (L, N, C)    residual stream after the attention branch
     float* ln2        # (L, N, C)
@@ -1469,7 +1486,8 @@ cdef struct Activations:
     float* dqkv       # (N, 3C)
     float* dfch       # (N, 4C)      gradient of the mlp hidden layer (before/after GELU)
     float* dlogits    # (N, V)
-    float* att_scratch  # (n_slots, 2, T, T) per-thread attention workspace
+    float* att_scratch  # (n_slots, ATT_SLOT, T, T) per-thread attention workspace:
+                        # no layer keeps its T x T probabilities (backward recomputes)
 
 
 cdef struct LayerParams:
@@ -1517,7 +1535,6 @@ cdef struct LayerActs:
     float* ln1_mean   # (N)
     float* ln1_rstd   # (N)
     float* qkv        # (N, 3C)
-    float* att        # (B, NH, T, T)
     float* atty       # (N, C)
     float* res2       # (N, C)
     float* ln2        # (N, C)
@@ -1528,8 +1545,8 @@ cdef struct LayerActs:
     float* res3       # (N, C)       residual stream leaving the layer
 
 
-cdef inline LayerActs layer_acts(Activations* a, Py_ssize_t l, Py_ssize_t N, Py_ssize_t C,
-                                 Py_ssize_t att_size) noexcept nogil:
+cdef inline LayerActs layer_acts(Activations* a, Py_ssize_t l, Py_ssize_t N,
+                                 Py_ssize_t C) noexcept nogil:
     cdef LayerActs la
     cdef Py_ssize_t NC = N * C
     la.res_in = a.encoded if l == 0 else a.res3 + (l - 1) * NC
@@ -1537,7 +1554,6 @@ cdef inline LayerActs layer_acts(Activations* a, Py_ssize_t l, Py_ssize_t N, Py_
     la.ln1_mean = a.ln1_mean + l * N
     la.ln1_rstd = a.ln1_rstd + l * N
     la.qkv = a.qkv + l * 3 * NC
-    la.att = a.att + l * att_size
     la.atty = a.atty + l * NC
     la.res2 = a.res2 + l * NC
     la.ln2 = a.ln2 + l * NC
@@ -1642,7 +1658,6 @@ cdef class Graph:
         _take(&a.ln1_mean, L * N, base, &used)
         _take(&a.ln1_rstd, L * N, base, &used)
         _take(&a.qkv, L * N * 3 * C, base, &used)
-        _take(&a.att, L * B * self.NH * TT, base, &used)
         _take(&a.atty, L * N * C, base, &used)
         _take(&a.res2, L * N * C, base, &used)
         _take(&a.ln2, L * N * C, base, &used)
@@ -1664,7 +1679,7 @@ cdef class Graph:
         _take(&a.dqkv, N * 3 * C, base, &used)
         _take(&a.dfch, N * 4 * C, base, &used)
         _take(&a.dlogits, N * V, base, &used)
-        _take(&a.att_scratch, n_slots * 2 * TT, base, &used)
+        _take(&a.att_scratch, n_slots * ATT_SLOT * TT, base, &used)
         return used
 
     cdef _prepare(self, int B, int T):
@@ -1762,12 +1777,12 @@ cdef class Graph:
             dropout_forward(a.encoded, a.encoded, NC, p, site_seed(self.seed, 0))
         for l in range(self.L):
             lw = layer_params(w, l, C)
-            la = layer_acts(a, l, N, C, B * NH * <Py_ssize_t>T * T)
+            la = layer_acts(a, l, N, C)
             # x = x + dropout(c_proj(attention(ln_1(x))))
             layernorm_forward(la.ln1, la.ln1_mean, la.ln1_rstd, la.res_in, lw.ln1w, lw.ln1b,
                               N, C)
             matmul_forward(la.qkv, la.ln1, lw.qkvw, lw.qkvb, N, C, 3 * C)
-            attention_forward(la.atty, la.att, a.att_scratch, la.qkv, B, T, C, NH,
+            attention_forward(la.atty, NULL, a.att_scratch, la.qkv, B, T, C, NH,
                               p, site_seed(self.seed, 4 * l + 1), self.n_slots)
             matmul_forward(a.branch, la.atty, lw.attprojw, lw.attprojb, N, C, C)
             if p > 0.0:
@@ -1834,7 +1849,7 @@ cdef class Graph:
         for l in range(self.L - 1, -1, -1):
             lw = layer_params(w, l, C)
             lg = layer_params(g, l, C)
-            la = layer_acts(a, l, N, C, B * NH * <Py_ssize_t>T * T)
+            la = layer_acts(a, l, N, C)
             # mlp branch
             dbranch = a.dres
             if p > 0.0:
@@ -1856,7 +1871,7 @@ cdef class Graph:
                 dbranch = a.dbranch
             matmul_backward(a.dln, lg.attprojw, lg.attprojb, dbranch, la.atty, lw.attprojw,
                             N, C, C)
-            attention_backward(a.dqkv, a.att_scratch, a.dln, la.qkv, la.att, B, T, C, NH,
+            attention_backward(a.dqkv, a.att_scratch, a.dln, la.qkv, B, T, C, NH,
                                p, site_seed(self.seed, 4 * l + 1), self.n_slots)
             matmul_backward(a.dln, lg.qkvw, lg.qkvb, a.dqkv, la.ln1, lw.qkvw, N, C, 3 * C)
             layernorm_backward(a.dres, lg.ln1w, lg.ln1b, a.dln, la.res_in, lw.ln1w,

@@ -94,18 +94,20 @@ print(json.dumps(out))
 """
 
 
-def _probe(target):
+def _probe(target, cwd):
+    # cwd: not the repository, whose femtogpt/ (sources, no compiled modules
+    # when the package is installed) would shadow the installed one.
     env = dict(os.environ, FEMTOGPT_CPU=target, OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=300, cwd=cwd)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return json.loads(proc.stdout)
 
 
-def test_every_build_this_cpu_runs_computes_the_same_model():
+def test_every_build_this_cpu_runs_computes_the_same_model(tmp_path):
     runnable = [t for t in _cpu.BUILT if _dispatch.LEVELS.get(t, 0) <= _cpu.cpu_level()
                 or t not in _dispatch.LEVELS]
-    results = {t: _probe(t) for t in runnable}
+    results = {t: _probe(t, tmp_path) for t in runnable}
     for target, result in results.items():
         assert result["target"] == target
     base = results[runnable[0]]
@@ -116,12 +118,12 @@ def test_every_build_this_cpu_runs_computes_the_same_model():
                                        rtol=1e-3, atol=1e-6, err_msg=target)
 
 
-def test_forcing_a_build_the_cpu_cannot_run_is_refused():
+def test_forcing_a_build_the_cpu_cannot_run_is_refused(tmp_path):
     missing = [t for t in _cpu.BUILT if _dispatch.LEVELS.get(t, 0) > _cpu.cpu_level()]
     target = missing[0] if missing else "x86-64-v9"
     env = dict(os.environ, FEMTOGPT_CPU=target)
     proc = subprocess.run([sys.executable, "-c", "import femtogpt"], env=env,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode != 0
     assert f"FEMTOGPT_CPU={target}" in proc.stderr
     assert ("cannot run it" if missing else "no such build") in proc.stderr

@@ -297,7 +297,7 @@ def test_a_pickle_only_folder_is_refused_and_never_unpickled(tmp_path):
     assert not marker.exists()
     proc = subprocess.run([sys.executable, "-m", "femtogpt.cli", "sample", "--out",
                            str(tmp_path), "--max-new-tokens", "3"],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 2 and not marker.exists()
     assert proc.stderr.count("\n") == 1 and "pytorch_model.bin" in proc.stderr
 

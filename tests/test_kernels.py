@@ -106,10 +106,11 @@ def run_attention_forward(qkv, NH, p=0.0, seed=0):
     return out, att
 
 
-def run_attention_backward(dout, qkv, att, NH, p=0.0, seed=0):
+def run_attention_backward(dout, qkv, NH, p=0.0, seed=0):
+    # The probabilities are not passed: backward recomputes them from qkv.
     B, T, C3 = qkv.shape
     dqkv = nans(qkv.shape)
-    core.py_attention_backward(dqkv.ravel(), dout.ravel(), qkv.ravel(), att.ravel(),
+    core.py_attention_backward(dqkv.ravel(), dout.ravel(), qkv.ravel(),
                                B, T, C3 // 3, NH, p, seed)
     return dqkv
 
@@ -335,7 +336,7 @@ def test_attention_backward(B, T, C, NH):
     dout = f32(rng.normal(size=(B, T, C)))
     _, att = run_attention_forward(qkv, NH)
     _, r_att = ref.attention_forward(qkv, NH)
-    dqkv = run_attention_backward(dout, qkv, att, NH)     # starts NaN: must be written
+    dqkv = run_attention_backward(dout, qkv, NH)     # starts NaN: must be written
     # q, k, v parts have different scales: check each against its own scale
     r_dqkv = ref.attention_backward(dout, qkv, r_att, NH)
     for part in range(3):
@@ -474,7 +475,7 @@ def test_attention_dropout_forward_and_backward_match_masked_reference():
     r_out, r_att = masked_attention_forward(qkv, NH, M)
     assert_close(out, r_out)
     dout = f32(np.random.default_rng(4).normal(size=out.shape))
-    dqkv = run_attention_backward(dout, qkv, att, NH, p, seed)
+    dqkv = run_attention_backward(dout, qkv, NH, p, seed)
     r_dqkv = masked_attention_backward(dout, qkv, r_att, NH, M)
     for part in range(3):
         cols = slice(part * DROP_C, (part + 1) * DROP_C)
@@ -495,7 +496,7 @@ def test_attention_dropout_backward_matches_finite_differences_of_kernel():
     qkv = drop_qkv(7).astype(np.float64)
     R = rng.normal(size=(DROP_B, DROP_T, DROP_C))
     _, att = run_attention_forward(f32(qkv), NH, p, seed)
-    dqkv = run_attention_backward(f32(R), f32(qkv), att, NH, p, seed).astype(np.float64)
+    dqkv = run_attention_backward(f32(R), f32(qkv), NH, p, seed).astype(np.float64)
     h = 1e-2
     for _ in range(3):
         D = rng.normal(size=qkv.shape)
@@ -915,7 +916,7 @@ def _thread_cases():
 
     def attention(p=0.0):
         out, att = run_attention_forward(qkv, NH, p, 3)
-        return out, att, run_attention_backward(adout, qkv, att, NH, p, 3)
+        return out, att, run_attention_backward(adout, qkv, NH, p, 3)
 
     def gelu():
         out, dinp = nans(big.size), nans(big.size)
@@ -1009,7 +1010,7 @@ def _bad_calls():
         ("attention att length", lambda: core.py_attention_forward(z(B, T, C), z(B, NH, T, T + 1), z(B, T, 3 * C), B, T, C, NH), "att"),
         ("attention C % NH", lambda: core.py_attention_forward(z(B, T, C), z(B, 3, T, T), z(B, T, 3 * C), B, T, C, 3), "divisible"),
         ("attention p = 1", lambda: core.py_attention_forward(z(B, T, C), z(B, NH, T, T), z(B, T, 3 * C), B, T, C, NH, 1.0), "dropout"),
-        ("attention_backward qkv length", lambda: core.py_attention_backward(z(B, T, 3 * C), z(B, T, C), z(B, T, 3 * C - 1), z(B, NH, T, T), B, T, C, NH), "qkv"),
+        ("attention_backward qkv length", lambda: core.py_attention_backward(z(B, T, 3 * C), z(B, T, C), z(B, T, 3 * C - 1), B, T, C, NH), "qkv"),
         ("gelu out length", lambda: core.py_gelu_tanh_forward(z(3), z(4)), "expected"),
         ("gelu_backward dout length", lambda: core.py_gelu_tanh_backward(z(4), z(4), z(5)), "dout"),
         ("residual b length", lambda: core.py_residual_forward(z(4), z(4), z(3)), "expected"),
