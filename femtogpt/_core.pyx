@@ -1485,7 +1485,6 @@ cdef struct Activations:
     float* dln        # (N, C)       gradient of a LayerNorm output / attention output
     float* dqkv       # (N, 3C)
     float* dfch       # (N, 4C)      gradient of the mlp hidden layer (before/after GELU)
-    float* dlogits    # (N, V)
     float* att_scratch  # (n_slots, ATT_SLOT, T, T) per-thread attention workspace:
                         # no layer keeps its T x T probabilities (backward recomputes)
 
@@ -1581,6 +1580,7 @@ cdef class Graph:
     cdef readonly bint gelu_exact       # GELU's exact (erf) form, else tanh
     cdef readonly int B, T              # shape of the last forward
     cdef readonly bint has_targets      # last forward had targets: backward is allowed
+    cdef readonly bint logits_are_gradient  # backward ran: the logits block holds dlogits
     cdef readonly double loss
     cdef Buffer params_buf, grads_buf, acts_buf
     cdef Params p, g
@@ -1678,7 +1678,6 @@ cdef class Graph:
         _take(&a.dln, N * C, base, &used)
         _take(&a.dqkv, N * 3 * C, base, &used)
         _take(&a.dfch, N * 4 * C, base, &used)
-        _take(&a.dlogits, N * V, base, &used)
         _take(&a.att_scratch, n_slots * ATT_SLOT * TT, base, &used)
         return used
 
@@ -1702,6 +1701,8 @@ cdef class Graph:
         if self.acts_buf is None:
             raise RuntimeError("no forward() has run yet")
         cdef Py_ssize_t off = self.a.logits - self.acts_buf.data
+        with nogil:
+            self._restore_logits()
         return np.asarray(self.acts_buf)[off:off + <Py_ssize_t>self.B * self.T * self.V]
 
     # -- forward ------------------------------------------------------------------
@@ -1759,7 +1760,18 @@ cdef class Graph:
         with nogil:
             self._forward(targets is not None)
         self.has_targets = targets is not None
+        self.logits_are_gradient = False
         return self.loss if targets is not None else None
+
+    cdef void _restore_logits(self) noexcept nogil:
+        # backward() overwrites the logits with their gradient; read again (a
+        # second backward, logits_view), they are recomputed from the final
+        # LayerNorm's output, which forward kept: the same sgemm on the same
+        # inputs, so the same numbers bit for bit.
+        if self.logits_are_gradient:
+            matmul_forward(self.a.logits, self.a.lnf, self.p.wte, NULL,
+                           <Py_ssize_t>self.B * self.T, self.C, self.V)
+            self.logits_are_gradient = False
 
     cdef void _forward(self, bint with_targets) noexcept nogil:
         cdef int B = self.B, T = self.T, C = self.C, NH = self.NH, V = self.V
@@ -1823,6 +1835,8 @@ cdef class Graph:
         self._acquire()
         try:
             with nogil:
+                self._restore_logits()
+                self.logits_are_gradient = True
                 self._backward(dloss)
         finally:
             self.busy = False
@@ -1841,8 +1855,10 @@ cdef class Graph:
         cdef LayerParams lw, lg
         cdef LayerActs la
         cdef float* dbranch
-        crossentropy_backward(a.dlogits, a.logits, a.lse, &self.targets[0], dloss, N, V)
-        matmul_backward(a.dln, g.wte, NULL, a.dlogits, a.lnf, w.wte, N, C, V)
+        # In place: the logits become their gradient (the row's lse is all that
+        # softmax needs), so the (N, V) block is held once, not twice.
+        crossentropy_backward(a.logits, a.logits, a.lse, &self.targets[0], dloss, N, V)
+        matmul_backward(a.dln, g.wte, NULL, a.logits, a.lnf, w.wte, N, C, V)
         memset(a.dres, 0, NC * sizeof(float))
         layernorm_backward(a.dres, g.lnfw, g.lnfb, a.dln, a.res3 + (self.L - 1) * NC,
                            w.lnfw, a.lnf_mean, a.lnf_rstd, N, C)

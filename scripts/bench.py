@@ -47,6 +47,10 @@ import sys
 import time
 
 PRESET_NAMES = ("femto", "baby", "small")
+# GPT-2 124M's shape (random weights, 50,257 tokens), fine-tuned at batch 4 with
+# contexts of 256 and 1,024 tokens: `--presets gpt2-t256,gpt2-t1024`.
+GPT2_SHAPES = {"gpt2-t256": 256, "gpt2-t1024": 1024}
+BENCH_PRESETS = PRESET_NAMES + tuple(GPT2_SHAPES)
 VOCAB = 65                      # Tiny Shakespeare's characters, as in the presets
 SGEMM_N = 2048
 SAMPLE_TOKENS = 500
@@ -55,10 +59,10 @@ TORCH_INSTALL_HINT = "pip install torch==2.13.0"
 
 # Timed steps per worker (after warm-up). A small step takes seconds, a femto
 # step milliseconds: the rep counts keep each worker to a similar wall time.
-REPS = {"femto": 20, "baby": 20, "small": 3}
-WARMUP = {"femto": 3, "baby": 3, "small": 1}
-QUICK_REPS = {"femto": 5, "baby": 5, "small": 1}
-QUICK_WARMUP = {"femto": 1, "baby": 1, "small": 1}
+REPS = {"femto": 20, "baby": 20, "small": 3, "gpt2-t256": 3, "gpt2-t1024": 2}
+WARMUP = {"femto": 3, "baby": 3, "small": 1, "gpt2-t256": 1, "gpt2-t1024": 1}
+QUICK_REPS = {"femto": 5, "baby": 5, "small": 1, "gpt2-t256": 1, "gpt2-t1024": 1}
+QUICK_WARMUP = {"femto": 1, "baby": 1, "small": 1, "gpt2-t256": 1, "gpt2-t1024": 1}
 
 
 def log(message):
@@ -97,7 +101,8 @@ def flops_per_token(n_params_no_wpe, cfg):
 def random_batch(rng, cfg, batch_size=None):
     # Data content does not change the work done, so uniform random ids will do.
     shape = (batch_size or cfg["batch_size"], cfg["block_size"])
-    return rng.integers(0, VOCAB, shape), rng.integers(0, VOCAB, shape)
+    V = cfg.get("vocab_size", VOCAB)
+    return rng.integers(0, V, shape), rng.integers(0, V, shape)
 
 
 def time_steps(step, n_warmup, n_reps):
@@ -165,7 +170,8 @@ def worker_sgemm(spec):
 
 def femto_model(cfg, seed=0):
     from femtogpt import GPT, GPTConfig
-    return GPT(GPTConfig(vocab_size=VOCAB, block_size=cfg["block_size"], n_layer=cfg["n_layer"],
+    return GPT(GPTConfig(vocab_size=cfg.get("vocab_size", VOCAB), block_size=cfg["block_size"],
+                         n_layer=cfg["n_layer"],
                          n_head=cfg["n_head"], n_embd=cfg["n_embd"], dropout=cfg["dropout"],
                          bias=cfg["bias"], gelu=cfg["gelu"]),
                seed=seed)
@@ -307,13 +313,13 @@ def torch_gpt_class():
             self.block_size = cfg["block_size"]
             C = cfg["n_embd"]
             self.transformer = nn.ModuleDict(dict(
-                wte=nn.Embedding(VOCAB, C),
+                wte=nn.Embedding(cfg.get("vocab_size", VOCAB), C),
                 wpe=nn.Embedding(cfg["block_size"], C),
                 drop=nn.Dropout(cfg["dropout"]),
                 h=nn.ModuleList([Block(cfg) for _ in range(cfg["n_layer"])]),
                 ln_f=nn.LayerNorm(C, eps=1e-5, bias=cfg["bias"]),
             ))
-            self.lm_head = nn.Linear(C, VOCAB, bias=False)
+            self.lm_head = nn.Linear(C, cfg.get("vocab_size", VOCAB), bias=False)
             self.transformer.wte.weight = self.lm_head.weight      # weight tying
             # nanoGPT's init: N(0, 0.02), residual projections N(0, 0.02/sqrt(2L)).
             for name, p in self.named_parameters():
@@ -614,6 +620,11 @@ def preset_cfg(name):
     """The preset's model and optimiser settings as plain data for the workers,
     so that torch workers need not import femtogpt."""
     from femtogpt.train import PRESETS
+    if name in GPT2_SHAPES:
+        return {"n_layer": 12, "n_head": 12, "n_embd": 768, "block_size": GPT2_SHAPES[name],
+                "batch_size": 4, "dropout": 0.0, "bias": True, "gelu": "tanh",
+                "learning_rate": 3e-5, "beta1": 0.9, "beta2": 0.99, "weight_decay": 0.1,
+                "grad_clip": 1.0, "seed": 1337, "vocab_size": 50257}
     p = PRESETS[name]
     keys = ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "dropout", "bias",
             "gelu", "learning_rate", "beta1", "beta2", "weight_decay", "grad_clip", "seed")
@@ -623,6 +634,8 @@ def preset_cfg(name):
 def schedule(name, n_steps):
     """femtogpt's learning rates for the first n_steps iterations (get_lr)."""
     from femtogpt.train import PRESETS, get_lr
+    if name in GPT2_SHAPES:
+        return [3e-5] * n_steps      # fine-tuning: constant
     return [get_lr(it, PRESETS[name]) for it in range(n_steps)]
 
 
@@ -946,9 +959,9 @@ def parse_args(argv):
     if args.threads < 1 or args.rounds < 1:
         ap.error("--threads and --rounds must be >= 1")
     presets = [p.strip() for p in args.presets.split(",") if p.strip()]
-    unknown = [p for p in presets if p not in PRESET_NAMES]
+    unknown = [p for p in presets if p not in BENCH_PRESETS]
     if unknown or not presets:
-        ap.error(f"unknown preset(s) {unknown}; choose from {', '.join(PRESET_NAMES)}")
+        ap.error(f"unknown preset(s) {unknown}; choose from {', '.join(BENCH_PRESETS)}")
     if args.quick:
         presets = [p for p in presets if p != "small"]     # a small step takes seconds
         if not presets:

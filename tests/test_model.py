@@ -687,3 +687,14 @@ def test_training_drives_the_loss_down_deterministically():
 def test_library_exports():
     assert femtogpt.GPT is GPT and femtogpt.GPTConfig is GPTConfig
     assert femtogpt.get_num_threads is core.get_num_threads
+
+
+def test_logits_read_after_backward_are_the_forward_logits():
+    # backward() turns the logits block into its gradient (one (N, V) block, not
+    # two); read afterwards, the logits are recomputed bit for bit.
+    model, idx, targets = small_model_and_batch()
+    logits, loss = model.forward(idx, targets)
+    model.backward()
+    again = model._graph.logits_view().reshape(logits.shape)
+    np.testing.assert_array_equal(again, logits)
+    assert model.loss(idx, targets) == loss
