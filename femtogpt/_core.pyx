@@ -725,6 +725,13 @@ cdef inline void apply_dropout_tt(float* out, const float* att, int T, float p,
 
 
 DEF ATT_SLOT = 3     # T x T arrays in one thread's attention scratch
+# Attention probabilities are kept for backward while all layers' take at most
+# this many floats (1 GiB: femto 8 MB, baby 3 MB, small 604 MB, GPT-2 124M at
+# B=4, T=256 151 MB): recomputing them costs one more q @ k^T per head, which
+# for small heads is mostly call overhead (femto measured 10-20% slower).
+# Above it (GPT-2 124M at B=4, T=1024: 2.4 GB) they are recomputed, and memory
+# no longer grows with L * B * NH * T * T.
+DEF ATT_KEEP_MAX_FLOATS = 268435456
 
 
 cdef inline void attention_probs(float* att, const float* qkv, int T, int C,
@@ -781,13 +788,14 @@ cdef void attention_forward(float* out, float* att, float* scratch,
 
 cdef inline void attention_head_backward(float* dqkv, float* scratch,
                                          const float* dout, const float* qkv,
-                                         int T, int C, int hs,
+                                         const float* saved_att, int T, int C, int hs,
                                          float p, uint64_t seed,
                                          uint64_t first) noexcept nogil:
     # One (batch, head): dq, dk, dv are written into this head's columns of dqkv.
-    # scratch (ATT_SLOT, T, T): the probabilities, recomputed (flash attention's
-    # trade: a q @ k^T more, instead of keeping every layer's T x T), their
-    # gradient, and the dropped-out probabilities.
+    # saved_att (T,T): the probabilities forward kept, or NULL: then they are
+    # recomputed into scratch (flash attention's trade: a q @ k^T more, instead
+    # of keeping every layer's T x T). scratch (ATT_SLOT, T, T): their gradient,
+    # the dropped-out probabilities, the recomputed probabilities.
     cdef const float* q = qkv
     cdef const float* k = qkv + C
     cdef const float* v = qkv + 2 * C
@@ -798,15 +806,18 @@ cdef inline void attention_head_backward(float* dqkv, float* scratch,
     cdef Py_ssize_t tt = <Py_ssize_t>T * T
     cdef float* datt = scratch            # (T,T): d(att), then d(scores)
     cdef float* att_dropped = scratch + tt
-    cdef float* att = scratch + 2 * tt
-    cdef const float* att_used = att
+    cdef const float* att = saved_att
+    cdef const float* att_used
     cdef uint32_t threshold = dropout_threshold(p)
     cdef float keep_scale = 1.0
     cdef Py_ssize_t i, j
     cdef float dot
     cdef float* drow
     cdef const float* arow
-    attention_probs(att, qkv, T, C, hs)
+    if att == NULL:
+        attention_probs(scratch + 2 * tt, qkv, T, C, hs)
+        att = scratch + 2 * tt
+    att_used = att
     if p > 0.0:
         keep_scale = 1.0 / (1.0 - p)
         apply_dropout_tt(att_dropped, att, T, p, seed, first)
@@ -835,10 +846,11 @@ cdef inline void attention_head_backward(float* dqkv, float* scratch,
 
 
 cdef void attention_backward(float* dqkv, float* scratch,
-                             const float* dout, const float* qkv,
+                             const float* dout, const float* qkv, const float* att,
                              int B, int T, int C, int NH,
                              float p, uint64_t seed, int n_slots) noexcept nogil:
-    # dqkv (B,T,3C) written; dout (B,T,C); qkv as saved by forward;
+    # dqkv (B,T,3C) written; dout (B,T,C); qkv as saved by forward; att
+    # (B,NH,T,T) the probabilities forward kept, or NULL to recompute them;
     # scratch: n_slots * ATT_SLOT * T*T floats
     cdef int hs = C // NH
     cdef Py_ssize_t bh, b, h, tt = <Py_ssize_t>T * T
@@ -851,6 +863,7 @@ cdef void attention_backward(float* dqkv, float* scratch,
         attention_head_backward(dqkv + b * T * 3 * C + h * hs,
                                 scratch + openmp.omp_get_thread_num() * ATT_SLOT * tt,
                                 dout + b * T * C + h * hs, qkv + b * T * 3 * C + h * hs,
+                                att + bh * tt if att != NULL else NULL,
                                 T, C, hs, p, seed, <uint64_t>(bh * tt))
 
 
@@ -1123,7 +1136,9 @@ def py_attention_forward(float[::1] out, float[::1] att, const float[::1] qkv,
 
 
 def py_attention_backward(float[::1] dqkv, const float[::1] dout, const float[::1] qkv,
-                          int B, int T, int C, int NH, float p=0.0, uint64_t seed=0):
+                          int B, int T, int C, int NH, float p=0.0, uint64_t seed=0,
+                          const float[::1] att=None):
+    """att: the probabilities forward wrote (kept), or None: recomputed from qkv."""
     cdef Py_ssize_t n_slots = openmp.omp_get_max_threads()
     cdef Buffer scratch
     _check_attention_sizes(B, T, C, NH)
@@ -1132,9 +1147,12 @@ def py_attention_backward(float[::1] dqkv, const float[::1] dout, const float[::
                             ("dout", dout, <Py_ssize_t>B * T * C),
                             ("qkv", qkv, <Py_ssize_t>B * T * 3 * C)):
         _need(name, arr.shape[0], size)
+    if att is not None:
+        _need("att", att.shape[0], <Py_ssize_t>B * NH * T * T)
+    cdef const float* att_ptr = &att[0] if att is not None else NULL
     scratch = Buffer(n_slots * ATT_SLOT * <Py_ssize_t>T * T)
     with nogil:
-        attention_backward(&dqkv[0], scratch.data, &dout[0], &qkv[0],
+        attention_backward(&dqkv[0], scratch.data, &dout[0], &qkv[0], att_ptr,
                            B, T, C, NH, p, seed, <int>n_slots)
 
 
@@ -1485,8 +1503,9 @@ cdef struct Activations:
     float* dln        # (N, C)       gradient of a LayerNorm output / attention output
     float* dqkv       # (N, 3C)
     float* dfch       # (N, 4C)      gradient of the mlp hidden layer (before/after GELU)
-    float* att_scratch  # (n_slots, ATT_SLOT, T, T) per-thread attention workspace:
-                        # no layer keeps its T x T probabilities (backward recomputes)
+    float* att        # (L, B, NH, T, T) attention probabilities, kept when they take
+                      # at most ATT_KEEP_MAX_FLOATS (else NULL: backward recomputes them)
+    float* att_scratch  # (n_slots, ATT_SLOT, T, T) per-thread attention workspace
 
 
 cdef struct LayerParams:
@@ -1534,6 +1553,7 @@ cdef struct LayerActs:
     float* ln1_mean   # (N)
     float* ln1_rstd   # (N)
     float* qkv        # (N, 3C)
+    float* att        # (B, NH, T, T), or NULL
     float* atty       # (N, C)
     float* res2       # (N, C)
     float* ln2        # (N, C)
@@ -1545,7 +1565,7 @@ cdef struct LayerActs:
 
 
 cdef inline LayerActs layer_acts(Activations* a, Py_ssize_t l, Py_ssize_t N,
-                                 Py_ssize_t C) noexcept nogil:
+                                 Py_ssize_t C, Py_ssize_t att_size) noexcept nogil:
     cdef LayerActs la
     cdef Py_ssize_t NC = N * C
     la.res_in = a.encoded if l == 0 else a.res3 + (l - 1) * NC
@@ -1553,6 +1573,7 @@ cdef inline LayerActs layer_acts(Activations* a, Py_ssize_t l, Py_ssize_t N,
     la.ln1_mean = a.ln1_mean + l * N
     la.ln1_rstd = a.ln1_rstd + l * N
     la.qkv = a.qkv + l * 3 * NC
+    la.att = a.att + l * att_size if a.att != NULL else NULL
     la.atty = a.atty + l * NC
     la.res2 = a.res2 + l * NC
     la.ln2 = a.ln2 + l * NC
@@ -1658,6 +1679,10 @@ cdef class Graph:
         _take(&a.ln1_mean, L * N, base, &used)
         _take(&a.ln1_rstd, L * N, base, &used)
         _take(&a.qkv, L * N * 3 * C, base, &used)
+        if L * B * self.NH * TT <= ATT_KEEP_MAX_FLOATS:
+            _take(&a.att, L * B * self.NH * TT, base, &used)
+        else:
+            a.att = NULL
         _take(&a.atty, L * N * C, base, &used)
         _take(&a.res2, L * N * C, base, &used)
         _take(&a.ln2, L * N * C, base, &used)
@@ -1789,12 +1814,12 @@ cdef class Graph:
             dropout_forward(a.encoded, a.encoded, NC, p, site_seed(self.seed, 0))
         for l in range(self.L):
             lw = layer_params(w, l, C)
-            la = layer_acts(a, l, N, C)
+            la = layer_acts(a, l, N, C, B * NH * <Py_ssize_t>T * T)
             # x = x + dropout(c_proj(attention(ln_1(x))))
             layernorm_forward(la.ln1, la.ln1_mean, la.ln1_rstd, la.res_in, lw.ln1w, lw.ln1b,
                               N, C)
             matmul_forward(la.qkv, la.ln1, lw.qkvw, lw.qkvb, N, C, 3 * C)
-            attention_forward(la.atty, NULL, a.att_scratch, la.qkv, B, T, C, NH,
+            attention_forward(la.atty, la.att, a.att_scratch, la.qkv, B, T, C, NH,
                               p, site_seed(self.seed, 4 * l + 1), self.n_slots)
             matmul_forward(a.branch, la.atty, lw.attprojw, lw.attprojb, N, C, C)
             if p > 0.0:
@@ -1865,7 +1890,7 @@ cdef class Graph:
         for l in range(self.L - 1, -1, -1):
             lw = layer_params(w, l, C)
             lg = layer_params(g, l, C)
-            la = layer_acts(a, l, N, C)
+            la = layer_acts(a, l, N, C, B * NH * <Py_ssize_t>T * T)
             # mlp branch
             dbranch = a.dres
             if p > 0.0:
@@ -1887,7 +1912,7 @@ cdef class Graph:
                 dbranch = a.dbranch
             matmul_backward(a.dln, lg.attprojw, lg.attprojb, dbranch, la.atty, lw.attprojw,
                             N, C, C)
-            attention_backward(a.dqkv, a.att_scratch, a.dln, la.qkv, B, T, C, NH,
+            attention_backward(a.dqkv, a.att_scratch, a.dln, la.qkv, la.att, B, T, C, NH,
                                p, site_seed(self.seed, 4 * l + 1), self.n_slots)
             matmul_backward(a.dln, lg.qkvw, lg.qkvb, a.dqkv, la.ln1, lw.qkvw, N, C, 3 * C)
             layernorm_backward(a.dres, lg.ln1w, lg.ln1b, a.dln, la.res_in, lw.ln1w,

@@ -41,7 +41,10 @@ def main(argv=None):
     ap.add_argument("--presets", default="femto,baby")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--native-dir", default=None)
+    ap.add_argument("--reps", type=int, default=40, help="timed steps per worker")
+    ap.add_argument("--native-dir", default=None,
+                    help="a source tree built in place (FEMTOGPT_NATIVE=1, or any other "
+                         "build to compare with: it is run as the 'native' row)")
     ap.add_argument("--builds", default=None,
                     help="comma-separated subset of the builds (default: all)")
     ap.add_argument("--json", default="bench_paths.json")
@@ -63,8 +66,9 @@ def main(argv=None):
             env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), **extra)
             for preset in presets:
                 out = run_worker({"task": "train", "impl": "femtogpt", "threads": args.threads,
-                                  "cfg": bench.preset_cfg(preset), "seed": 1, "reps": 40,
-                                  "warmup": 5, "lrs": bench.schedule(preset, 45)}, env)
+                                  "cfg": bench.preset_cfg(preset), "seed": 1, "reps": args.reps,
+                                  "warmup": 2, "lrs": bench.schedule(preset, args.reps + 2)},
+                                 env)
                 results[path][preset].append(out["median_ms"])
             out = run_worker({"task": "sample", "impl": "femtogpt", "threads": args.threads,
                               "cfg": bench.preset_cfg(bench.SAMPLE_PRESET),

@@ -1053,3 +1053,25 @@ def test_wrappers_reject_wrong_dtype():
         core.py_gelu_tanh_forward(np.zeros(4), np.zeros(4))
     with pytest.raises((ValueError, TypeError)):
         core.py_gelu_tanh_forward(np.zeros(4, np.float32), np.zeros(8, np.float32)[::2])
+
+
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_attention_backward_from_kept_probabilities_equals_recomputed(p):
+    # The graph keeps the probabilities for small models and recomputes them for
+    # large ones: both paths must give the same gradient, bit for bit (the same
+    # sgemm computes the probabilities either way).
+    NH = DROP_NH
+    qkv = drop_qkv(11)
+    out, att = run_attention_forward(qkv, NH, p, 9)
+    dout = f32(np.random.default_rng(12).normal(size=out.shape))
+    recomputed = run_attention_backward(dout, qkv, NH, p, 9)
+    B, T, C3 = qkv.shape
+    kept = nans(qkv.shape)
+    core.py_attention_backward(kept.ravel(), dout.ravel(), qkv.ravel(), B, T, C3 // 3, NH,
+                               p, 9, att.ravel())
+    np.testing.assert_array_equal(kept, recomputed)
+    # A wrong kept array changes the result: the kept path really reads it.
+    wrong = nans(qkv.shape)
+    core.py_attention_backward(wrong.ravel(), dout.ravel(), qkv.ravel(), B, T, C3 // 3, NH,
+                               p, 9, np.zeros_like(att).ravel())
+    assert not np.allclose(wrong, recomputed)

@@ -698,3 +698,23 @@ def test_logits_read_after_backward_are_the_forward_logits():
     again = model._graph.logits_view().reshape(logits.shape)
     np.testing.assert_array_equal(again, logits)
     assert model.loss(idx, targets) == loss
+
+
+def test_recomputed_attention_gives_the_gradients_of_kept_attention():
+    # One layer, 4 heads, T=1024: a batch of 65 needs 273M floats of attention
+    # probabilities, over the core's 256M limit, so backward recomputes them; a
+    # batch of 33 or 32 keeps them. The 65-row gradient must be the share-weighted
+    # sum of the two halves' (what data-parallel ranks compute).
+    cfg = GPTConfig(vocab_size=11, block_size=1024, n_layer=1, n_head=4, n_embd=8)
+    model = GPT(cfg, seed=4)
+    rng = np.random.default_rng(5)
+    idx, targets = rng.integers(0, 11, (65, 1024)), rng.integers(0, 11, (65, 1024))
+    model.forward(idx, targets)
+    whole = model.backward()
+    model.zero_grad()
+    for rows in (slice(0, 33), slice(33, 65)):
+        model.forward(idx[rows], targets[rows])
+        model.backward(accumulate=True, loss_scale=(rows.stop - rows.start) / 65)
+    halves = named(model, model.grads_flat)
+    for name in whole:
+        assert_close(halves[name], whole[name], 1e-5, name)
