@@ -84,10 +84,43 @@ def gpt2_pattern():
         f"|[{space}]+")
 
 
-class _LazyPattern:
-    """The pattern, compiled on first use (most runs never build a GPT-2 tokenizer)."""
+# The same pattern in the classes Python's re has built in (\w, \d, \s), which
+# it matches about three times faster than the spelled-out Unicode classes.
+_FAST_PATTERN = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d"
+                           r"| ?[^\W\d_]+"
+                           r"| ?\d+"
+                           r"| ?(?:[^\s\w]|_)+"
+                           r"|\s+(?!\S)"
+                           r"|\s+")
+
+
+@functools.lru_cache(maxsize=1)
+def _fast_pattern_differs():
+    r"""The characters whose class (letter, number, white space, other) differs
+    between the two patterns: Nl and No numbers (\w counts them as letters) and
+    U+001C..U+001F (\s counts them as white space). On a text with none of them
+    the two patterns split identically, character class by character class."""
+    white = set(map(ord, _WHITE_SPACE.replace("\u2000-\u200a", ""))) | set(range(0x2000, 0x200B))
+    differs = []
+    for cp in range(0x110000):
+        if 0xD800 <= cp <= 0xDFFF:
+            continue
+        c = chr(cp)
+        major = unicodedata.category(c)[0]
+        exact = (major == "L", major == "N", cp in white)
+        fast = (c.isalnum() and not c.isdecimal() and c != "_", c.isdecimal(), c.isspace())
+        if exact != fast:
+            differs.append(c)
+    return frozenset(differs)
+
+
+class _Presplit:
+    """OpenAI's pattern: the fast spelling when the text allows, else the exact one
+    (both compiled on first use: most runs never build a GPT-2 tokenizer)."""
 
     def findall(self, text):
+        if _fast_pattern_differs().isdisjoint(text):
+            return _FAST_PATTERN.findall(text)
         return gpt2_pattern().findall(text)
 
 
@@ -102,7 +135,7 @@ class GPT2Tokenizer(BPETokenizer):
     """
 
     kind = "gpt2"
-    _presplit = _LazyPattern()
+    _presplit = _Presplit()
 
     def __init__(self, byte_ids, merges, specials):
         byte_ids, merges, specials = _check_parts(byte_ids, merges, specials)

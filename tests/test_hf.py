@@ -437,3 +437,18 @@ def test_tokenizer_json_gives_the_same_tokenizer(tmp_path, merges_as_pairs):
     (tmp_path / "tokenizer.json").write_text(json.dumps(d), encoding="utf-8")
     with pytest.raises(femtogpt.TokenizerError, match="pre_tokenizer is not GPT-2's"):
         GPT2Tokenizer.from_tokenizer_json(tmp_path / "tokenizer.json")
+
+
+def test_fast_pre_split_equals_openais_pattern_on_text_it_takes():
+    # The encoder splits with \w-style classes unless the text holds one of the
+    # characters whose class differs; on any other text both patterns must agree.
+    from femtogpt.gpt2_tokenizer import _FAST_PATTERN, _fast_pattern_differs
+    differs = _fast_pattern_differs()
+    assert {"\x1c", "²", "½", "Ⅻ"} <= differs and not {"a", "1", " ", "_", "é"} & differs
+    rng = np.random.default_rng(0)
+    pool = [chr(c) for c in rng.integers(0x20, 0x30000, 4000)
+            if not 0xD800 <= c <= 0xDFFF and chr(c) not in differs]
+    pool += list(" \t\n\u00a0\u3000'sdtlmrve_-.,!?0123456789") * 20
+    for _ in range(200):
+        text = "".join(rng.choice(pool, size=int(rng.integers(1, 60))))
+        assert _FAST_PATTERN.findall(text) == gpt2_pattern().findall(text), repr(text)
