@@ -206,7 +206,8 @@ def export_command(args):
     from .checkpoint import load
     from .hf import export_hf
     model, tokenizer = load(args.source)
-    for note in export_hf(model, tokenizer, args.to, overwrite=args.overwrite):
+    for note in export_hf(model, tokenizer, args.to, overwrite=args.overwrite,
+                          source=args.source):
         print(f"femtogpt: note: {note}", file=sys.stderr)
     print(f"wrote {os.path.abspath(args.to)} ({model.num_parameters() / 1e6:.2f}M parameters)")
     return 0

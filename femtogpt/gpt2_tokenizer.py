@@ -210,17 +210,27 @@ class GPT2Tokenizer(BPETokenizer):
                                  f"use_regex, no added prefix space)")
         if d.get("normalizer") is not None:
             raise TokenizerError(f"{path}: has a normalizer, which GPT-2's tokenizer has not")
+        # Options of the BPE model that change the ids; GPT-2's are all off.
+        for name, off in (("dropout", None), ("continuing_subword_prefix", ""),
+                          ("end_of_word_suffix", ""), ("byte_fallback", False),
+                          ("ignore_merges", False)):
+            if model.get(name, off) not in (off, None):
+                raise TokenizerError(f"{path}: model.{name} is {model[name]!r:.40}, which "
+                                     f"GPT-2's tokenizer does not use")
         vocab = model.get("vocab")
         if not isinstance(vocab, dict):
             raise TokenizerError(f"{path}: model.vocab is not an object")
         vocab = dict(vocab)
-        for token in d.get("added_tokens") or []:
+        added, merges = d.get("added_tokens") or [], model.get("merges") or []
+        if not isinstance(added, list) or not isinstance(merges, list):
+            raise TokenizerError(f"{path}: added_tokens and model.merges must be lists")
+        for token in added:
             if not (isinstance(token, dict) and isinstance(token.get("content"), str)
                     and isinstance(token.get("id"), int)):
                 raise TokenizerError(f"{path}: malformed added_tokens entry")
             vocab.setdefault(token["content"], token["id"])
         pairs = []
-        for i, merge in enumerate(model.get("merges") or []):
+        for i, merge in enumerate(merges):
             # Two spellings: "a b" (tokenizers before 0.20) or ["a", "b"].
             parts = merge.split(" ") if isinstance(merge, str) else merge
             if not (isinstance(parts, list) and len(parts) == 2
@@ -360,6 +370,8 @@ def _read_json(path):
         return json.loads(_read_text(path))
     except json.JSONDecodeError as err:
         raise TokenizerError(f"{path} is not valid JSON (line {err.lineno}: {err.msg})") from None
+    except (ValueError, RecursionError) as err:     # too deep, or an integer too long
+        raise TokenizerError(f"{path} is not a tokenizer file ({str(err)[:200]})") from None
 
 
 def _read_lines(path):

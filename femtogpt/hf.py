@@ -60,8 +60,9 @@ def _read_json(path, what):
             return json.loads(f.read().decode("utf-8"))
     except OSError as err:
         raise CheckpointError(f"cannot read {path}: {err.strerror or err}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
-        raise CheckpointError(f"{path} is not valid JSON ({err})") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
+        # (ValueError: bad JSON, and integers too long for Python to parse)
+        raise CheckpointError(f"{path} is not valid JSON ({str(err)[:200]})") from None
 
 
 def config_from_hf(folder) -> GPTConfig:
@@ -91,8 +92,8 @@ def config_from_hf(folder) -> GPTConfig:
 
     n_embd = integer("n_embd")
     activation = d.get("activation_function", "gelu_new")
-    if activation not in ACTIVATIONS:
-        refuse(f"activation_function is {activation!r} (femtogpt has "
+    if not isinstance(activation, str) or activation not in ACTIVATIONS:
+        refuse(f"activation_function is {activation!r:.80} (femtogpt has "
                f"{', '.join(sorted(ACTIVATIONS))})")
     n_inner = d.get("n_inner")
     if n_inner is not None and n_inner != 4 * n_embd:
@@ -216,7 +217,12 @@ def load_hf(folder):
     if tokenizer.vocab_size != config.vocab_size:
         raise CheckpointError(f"{folder}: the tokenizer has {tokenizer.vocab_size} tokens but "
                               f"config.json says vocab_size {config.vocab_size}")
-    model = GPT(config, init=False)
+    try:
+        model = GPT(config, init=False)
+    except MemoryError:
+        raise CheckpointError(f"{os.path.join(folder, CONFIG_NAME)}: a model of this size "
+                              f"({config.n_layer} layers, {config.n_embd} wide, vocabulary "
+                              f"{config.vocab_size}) does not fit in memory") from None
     read_hf_weights(folder, model)
     model.eval()
     return model, tokenizer
@@ -260,14 +266,15 @@ def hf_tensors(model) -> dict:
     return out
 
 
-def export_hf(model, tokenizer, folder, overwrite=False, meta=None) -> list:
+def export_hf(model, tokenizer, folder, overwrite=False, meta=None, source=None) -> list:
     """Write a Hugging Face GPT-2 folder; it appears whole or not at all.
 
     Returns notes on what could not be carried over: a model with femtogpt's
     own tokenizer (char, byte, bpe) gets config.json and the weights, but no
     tokenizer files, since Hugging Face's GPT-2 tokenizer would give other ids
     for the same text. An existing non-empty folder is replaced only with
-    overwrite=True.
+    overwrite=True; never the folder the model came from (source), nor one
+    that holds it.
     """
     from .gpt2_tokenizer import GPT2Tokenizer
     notes = []
@@ -279,7 +286,15 @@ def export_hf(model, tokenizer, folder, overwrite=False, meta=None) -> list:
     if not model.config.bias:
         notes.append("the model has no biases; GPT-2's layout has them, so they are "
                      "written as zeros (which computes the same)")
+    if os.path.islink(folder):
+        raise ConfigError(f"--to {folder} is a symbolic link: give the folder itself")
     folder = os.path.abspath(folder)
+    if source is not None:
+        inside = os.path.realpath(source)
+        if inside == os.path.realpath(folder) or inside.startswith(
+                os.path.realpath(folder) + os.sep):
+            raise ConfigError(f"--to {folder} holds the model being exported ({source}): "
+                              f"choose another folder")
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise ConfigError(f"--to {folder} exists and is not a folder")
     if os.path.isdir(folder) and os.listdir(folder) and not overwrite:
@@ -310,7 +325,11 @@ def export_hf(model, tokenizer, folder, overwrite=False, meta=None) -> list:
         if os.path.isdir(folder):
             old = temp + "-old"
             os.rename(folder, old)
-            os.rename(temp, folder)
+            try:
+                os.rename(temp, folder)
+            except BaseException:
+                os.rename(old, folder)      # put the previous folder back
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(temp, folder)

@@ -58,12 +58,21 @@ class Run:
         # Everything that can be wrong (options, data, checkpoints) is checked
         # before anything is written: a refused run leaves the disk as it was.
         # A copy: the caller's config (a preset, say) is never changed.
-        cfg = self.cfg = replace(cfg).validate()
+        cfg = replace(cfg)
         if explicit is None:
             explicit = {f.name for f in fields(TrainConfig)}
             if init_from is not None:
                 explicit -= set(ARCHITECTURE) | {"tokenizer", "vocab_size"}
         explicit = set(explicit)
+        # Starting from a pretrained GPT-2: nanoGPT's fine-tuning recipe for the
+        # settings not given, before they are checked (a resume then takes the
+        # saved ones instead, as for any setting not given).
+        self.finetune_defaults = {}
+        if init_from is not None and _is_pretrained_folder(init_from):
+            self.finetune_defaults = _finetune_defaults(cfg, explicit, init_from)
+            for name, value in self.finetune_defaults.items():
+                setattr(cfg, name, value)
+        cfg = self.cfg = cfg.validate()
         self.init_from = None if init_from is None else os.path.abspath(init_from)
         self.overwrite = bool(overwrite)
         self.comm = comm = comm or Solo()
@@ -206,17 +215,23 @@ class Run:
             os.remove(self.metrics_path)    # this same run, started again
 
     def _init_from(self, source, explicit):
-        from .hf import is_hf_folder, load_hf
-        if is_hf_folder(source) and not os.path.exists(os.path.join(source, BEST_NAME)):
+        from .hf import load_hf
+        if _is_pretrained_folder(source):
             file = source
             model, tokenizer = load_hf(source)
-            explicit = self._apply_finetune_defaults(explicit, model.config)
+            cfg = self.cfg
+            self.log(f"fine-tuning a pretrained GPT-2 (nanoGPT's recipe for the settings "
+                     f"not given): learning rate {cfg.learning_rate:g}"
+                     f"{', constant' if cfg.min_lr == cfg.learning_rate else ''}; "
+                     f"{cfg.batch_size} sequences x {cfg.grad_accum} micro-batches of "
+                     f"{cfg.block_size} tokens per step; {cfg.max_iters} steps")
         else:
             file = checkpoint_path(source, BEST_NAME)
             with TensorFile(file) as f:
                 model, tokenizer = model_from_file(f)
         mc = model.config
-        if "block_size" in explicit and self.cfg.block_size != mc.block_size:
+        crop = "block_size" in explicit or "block_size" in self.finetune_defaults
+        if crop and self.cfg.block_size != mc.block_size:
             if self.cfg.block_size > mc.block_size:
                 raise ConfigError(f"--block-size {self.cfg.block_size} is more than the "
                                   f"context of the model in {source} ({mc.block_size})")
@@ -244,23 +259,6 @@ class Run:
             model.config.dropout = self.cfg.dropout
         self.log(f"initialised from {file} (fresh optimizer)")
         return model, tokenizer
-
-    def _apply_finetune_defaults(self, explicit, model_config):
-        """FINETUNE_DEFAULTS for the settings not given; the settings that now
-        count as given (so that the context is cropped to the default's)."""
-        chosen = {name: value for name, value in FINETUNE_DEFAULTS.items()
-                  if name not in explicit}
-        chosen["block_size"] = min(chosen.get("block_size", self.cfg.block_size),
-                                   model_config.block_size)
-        for name, value in chosen.items():
-            setattr(self.cfg, name, value)
-        cfg = self.cfg.validate()
-        self.log(f"fine-tuning a pretrained GPT-2 (nanoGPT's recipe for it; each flag "
-                 f"overrides): learning rate {cfg.learning_rate:g}"
-                 f"{' constant' if cfg.min_lr == cfg.learning_rate else ''}, "
-                 f"{cfg.batch_size} sequences x {cfg.grad_accum} micro-batches of "
-                 f"{cfg.block_size} tokens per step, {cfg.max_iters} steps")
-        return set(explicit) | set(chosen)
 
     def _resume(self, explicit):
         with TensorFile(self.latest_path) as f:
@@ -493,6 +491,27 @@ def _fit_tokenizer(cfg, text, train_text):
     if cfg.tokenizer == "bpe":
         return build_tokenizer("bpe", train_text, cfg.vocab_size)
     return build_tokenizer(cfg.tokenizer, text)
+
+
+def _is_pretrained_folder(path):
+    """A Hugging Face GPT-2 folder (and not a femtogpt run that happens to hold a
+    config.json)."""
+    from .hf import is_hf_folder
+    return is_hf_folder(path) and not os.path.exists(os.path.join(path, BEST_NAME))
+
+
+def _finetune_defaults(cfg, explicit, folder):
+    """{setting: value}: FINETUNE_DEFAULTS for the settings not given. With
+    --learning-rate given and --min-lr not, the rate stays constant at the one
+    given; the context is at most the model's."""
+    from .hf import config_from_hf
+    n_positions = config_from_hf(folder).block_size
+    chosen = {name: value for name, value in FINETUNE_DEFAULTS.items() if name not in explicit}
+    if "min_lr" in chosen and "learning_rate" in explicit:
+        chosen["min_lr"] = cfg.learning_rate
+    if "block_size" in chosen:
+        chosen["block_size"] = min(chosen["block_size"], n_positions)
+    return chosen
 
 
 def _cropped(model, block_size):

@@ -452,3 +452,61 @@ def test_fast_pre_split_equals_openais_pattern_on_text_it_takes():
     for _ in range(200):
         text = "".join(rng.choice(pool, size=int(rng.integers(1, 60))))
         assert _FAST_PATTERN.findall(text) == gpt2_pattern().findall(text), repr(text)
+
+
+def test_finetune_flags_and_their_refusals(tmp_path):
+    make_folder(tmp_path / "gpt2", T=32)
+    (tmp_path / "my.txt").write_text(TEXT * 4)
+    run = lambda *a: subprocess.run([sys.executable, "-m", "femtogpt.cli", "train",  # noqa: E731
+                                     "--init-from", "gpt2", "--data", "my.txt", "--no-progress",
+                                     "--sample-tokens", "0", "--max-iters", "2", *a],
+                                    capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    # A context longer than the model's is refused, not cut silently.
+    long = run("--out", "a", "--block-size", "64")
+    assert long.returncode == 2 and "--block-size 64 is more than the context" in long.stderr
+    assert not (tmp_path / "a").exists()
+    # A fine-tuning rate below the presets' min_lr: constant at the rate given.
+    low = run("--out", "b", "--learning-rate", "1e-5", "--block-size", "16")
+    assert low.returncode == 0, low.stderr
+    from femtogpt.tensorfile import TensorFile
+    with TensorFile(tmp_path / "b" / "ckpt.safetensors") as f:
+        saved = f.meta["train_config"]
+    assert saved["learning_rate"] == saved["min_lr"] == 1e-5 and saved["block_size"] == 16
+    # Exporting a run over itself would delete it: refused, the run intact.
+    before = sorted(os.listdir(tmp_path / "b"))
+    over = subprocess.run([sys.executable, "-m", "femtogpt.cli", "export", "b", "--to", "b",
+                           "--overwrite"], capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path)
+    assert over.returncode == 2 and "holds the model being exported" in over.stderr
+    assert sorted(os.listdir(tmp_path / "b")) == before
+
+
+@pytest.mark.parametrize("what", ["activation list", "deep vocab", "long integer",
+                                  "merges not a list", "subword prefix"])
+def test_malformed_files_are_refused_with_one_error(tmp_path, what):
+    make_folder(tmp_path)
+    if what == "activation list":
+        d = json.load(open(tmp_path / "config.json"))
+        d["activation_function"] = ["gelu"]
+        json.dump(d, open(tmp_path / "config.json", "w"))
+        with pytest.raises(CheckpointError, match="activation_function"):
+            load_hf(tmp_path)
+    elif what == "deep vocab":
+        (tmp_path / "vocab.json").write_text("[" * 200000)
+        with pytest.raises(CheckpointError, match="vocab.json"):
+            load_hf(tmp_path)
+    elif what == "long integer":
+        (tmp_path / "config.json").write_text('{"n_layer": ' + "9" * 5000 + "}")
+        with pytest.raises(CheckpointError, match="config.json"):
+            load_hf(tmp_path)
+    else:
+        d = _tokenizer_json(tmp_path, False)
+        if what == "merges not a list":
+            d["model"]["merges"] = 5
+        else:
+            d["model"]["continuing_subword_prefix"] = "##"
+        (tmp_path / "tokenizer.json").write_text(json.dumps(d, ensure_ascii=False))
+        with pytest.raises(femtogpt.TokenizerError,
+                           match="must be lists" if what == "merges not a list"
+                           else "continuing_subword_prefix"):
+            GPT2Tokenizer.from_tokenizer_json(tmp_path / "tokenizer.json")
