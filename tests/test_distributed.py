@@ -219,11 +219,9 @@ def write_text(folder):
 # -- the arithmetic: N ranks with b each == one process with N*b ------------------------
 
 
-@pytest.mark.parametrize("batch_size", [4, 5])      # 2+2, and 3+2: shares weighted
-def test_two_ranks_equal_one_process_on_the_same_samples(mpiexec, tmp_path, batch_size):
-    steps = 4
-    cfg = tiny(tmp_path, write_text(str(tmp_path)), out="ranks", batch_size=batch_size,
-               dropout=0.0, grad_clip=0.0)
+def _distributed_steps(mpiexec, tmp_path, cfg, steps):
+    """mpi_worker.py's record of `steps` steps of cfg on 2 ranks; the ranks' weights
+    (which nothing but the allreduce keeps together) must be equal."""
     result = str(tmp_path / "ranks.npz")
     proc = subprocess.run(
         [mpiexec, "-n", "2", sys.executable, os.path.join(HERE, "mpi_worker.py"),
@@ -231,19 +229,15 @@ def test_two_ranks_equal_one_process_on_the_same_samples(mpiexec, tmp_path, batc
         env=mpi_env(), cwd=PACKAGE_PARENT, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr
     ranks = np.load(result)
-    # Nothing but the allreduce keeps the ranks' weights together: they must be equal.
     assert len(set(ranks["fingerprints"].tolist())) == 1
-    assert list(ranks["local_batches"]) == [(batch_size + 1) // 2, batch_size // 2]
-    x = ranks["x"]
-    assert x.shape == (steps, batch_size, cfg.block_size)
-    # The ranks draw from different streams: their windows differ.
-    share = (batch_size + 1) // 2
-    assert not np.array_equal(x[:, :2], x[:, share:share + 2])
+    return ranks
 
-    # One process, batch_size sequences per step, fed the same samples in rank order.
-    single = Run(dataclasses.replace(cfg, out=str(tmp_path / "single")), log=lambda m: None)
+
+def _assert_one_process_equals(ranks, single_cfg, steps):
+    """One process fed the ranks' samples in rank order reproduces their steps."""
+    single = Run(single_cfg, log=lambda m: None)
     for step in range(steps):
-        loss, _, _ = single.train_step(batch=(x[step], ranks["y"][step]))
+        loss, _, _ = single.train_step(batch=(ranks["x"][step], ranks["y"][step]))
         # The loss the ranks agreed on is the mean over the whole batch.
         assert abs(loss - ranks["losses"][step]) < 2e-6 * max(1.0, abs(loss))
         if step == 0:
@@ -254,30 +248,31 @@ def test_two_ranks_equal_one_process_on_the_same_samples(mpiexec, tmp_path, batc
     np.testing.assert_allclose(ranks["params"], single.model.params_flat, rtol=0, atol=2e-5)
 
 
+@pytest.mark.parametrize("batch_size", [4, 5])      # 2+2, and 3+2: shares weighted
+def test_two_ranks_equal_one_process_on_the_same_samples(mpiexec, tmp_path, batch_size):
+    steps = 4
+    cfg = tiny(tmp_path, write_text(str(tmp_path)), out="ranks", batch_size=batch_size,
+               dropout=0.0, grad_clip=0.0)
+    ranks = _distributed_steps(mpiexec, tmp_path, cfg, steps)
+    assert list(ranks["local_batches"]) == [(batch_size + 1) // 2, batch_size // 2]
+    x = ranks["x"]
+    assert x.shape == (steps, batch_size, cfg.block_size)
+    # The ranks draw from different streams: their windows differ.
+    share = (batch_size + 1) // 2
+    assert not np.array_equal(x[:, :2], x[:, share:share + 2])
+    _assert_one_process_equals(ranks, dataclasses.replace(cfg, out=str(tmp_path / "single")),
+                               steps)
+
+
 def test_two_ranks_with_grad_accum_equal_one_process_with_the_whole_batch(mpiexec, tmp_path):
     # 2 ranks (3 + 2 sequences) x 2 micro-batches == one process, one batch of 10.
     steps, accum = 3, 2
     cfg = tiny(tmp_path, write_text(str(tmp_path)), out="ranks", batch_size=5,
                grad_accum=accum, dropout=0.0, grad_clip=0.0)
-    result = str(tmp_path / "ranks.npz")
-    proc = subprocess.run(
-        [mpiexec, "-n", "2", sys.executable, os.path.join(HERE, "mpi_worker.py"),
-         json.dumps(dataclasses.asdict(cfg)), result, str(steps)],
-        env=mpi_env(), cwd=PACKAGE_PARENT, capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, proc.stderr
-    ranks = np.load(result)
-    assert len(set(ranks["fingerprints"].tolist())) == 1
+    ranks = _distributed_steps(mpiexec, tmp_path, cfg, steps)
     assert list(ranks["local_batches"]) == [3 * accum, 2 * accum]
-    x, y = ranks["x"], ranks["y"]
-    single = Run(dataclasses.replace(cfg, out=str(tmp_path / "single"), batch_size=10,
-                                     grad_accum=1), log=lambda m: None)
-    for step in range(steps):
-        loss, _, _ = single.train_step(batch=(x[step], y[step]))
-        assert abs(loss - ranks["losses"][step]) < 2e-6 * max(1.0, abs(loss))
-        if step == 0:
-            np.testing.assert_allclose(ranks["first_grads"], single.model.grads_flat,
-                                       rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(ranks["params"], single.model.params_flat, rtol=0, atol=2e-5)
+    _assert_one_process_equals(ranks, dataclasses.replace(
+        cfg, out=str(tmp_path / "single"), batch_size=10, grad_accum=1), steps)
 
 
 # -- the command line ---------------------------------------------------------------------
