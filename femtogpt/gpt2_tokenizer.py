@@ -27,7 +27,8 @@ ENDOFTEXT = "<|endoftext|>"
 # Unicode's White_Space property: what \s means to OpenAI's pattern (Python's \s
 # also takes U+001C..U+001F, which are not White_Space).
 _WHITE_SPACE = ("\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000")
-# A vocab.json or merges.txt larger than this is not a tokenizer (gpt2's are 1 MB and 456 KB).
+# A vocab.json, merges.txt or config.json larger than this is not one (gpt2's are
+# 1 MB, 456 KB and 1 KB; tokenizer.json 1.4 MB).
 MAX_TOKENIZER_FILE_BYTES = 64 << 20
 
 
@@ -180,9 +181,9 @@ class GPT2Tokenizer(BPETokenizer):
     @classmethod
     def from_files(cls, vocab_path, merges_path):
         """GPT-2's tokenizer from vocab.json ({token: id}) and merges.txt ("a b" per line)."""
-        vocab = _read_json(vocab_path)
+        vocab = read_small_json(vocab_path)
         pairs = []
-        for lineno, line in enumerate(_read_lines(merges_path), 1):
+        for lineno, line in enumerate(read_small_text(merges_path).split("\n"), 1):
             if lineno == 1 and line.startswith("#version"):
                 continue
             if not line.strip():
@@ -198,7 +199,7 @@ class GPT2Tokenizer(BPETokenizer):
     def from_tokenizer_json(cls, path):
         """GPT-2's tokenizer from a Hugging Face tokenizer.json (a byte-level BPE
         with GPT-2's pre-split); any other kind of tokenizer is refused by name."""
-        d = _read_json(path)
+        d = read_small_json(path)
         model = d.get("model") if isinstance(d, dict) else None
         if not isinstance(model, dict) or model.get("type") != "BPE":
             raise TokenizerError(f"{path}: not a BPE tokenizer (model.type is "
@@ -347,33 +348,29 @@ def _check_parts(byte_ids, merges, specials):
             {k: int(v) for k, v in specials.items()})
 
 
-def _read_bytes(path):
+def read_small_text(path, what="a tokenizer file", error=TokenizerError):
+    """A UTF-8 file of at most MAX_TOKENIZER_FILE_BYTES as a str; every problem
+    (missing, too large, not UTF-8) is one `error` naming the file. (hf.py reads
+    config.json and the weight index with it too, raising CheckpointError.)"""
     try:
         size = os.path.getsize(path)
         if size > MAX_TOKENIZER_FILE_BYTES:
-            raise TokenizerError(f"{path}: {size} bytes is too large for a tokenizer file")
+            raise error(f"{path}: {size} bytes is too large for {what}")
         with open(path, "rb") as f:
-            return f.read()
+            return f.read().decode("utf-8")
     except OSError as err:
-        raise TokenizerError(f"cannot read {path}: {err.strerror or err}") from None
-
-
-def _read_text(path):
-    try:
-        return _read_bytes(path).decode("utf-8")
+        raise error(f"cannot read {path}: {err.strerror or err}") from None
     except UnicodeDecodeError as err:
-        raise TokenizerError(f"{path} is not UTF-8 text (byte {err.start})") from None
+        raise error(f"{path} is not UTF-8 text (byte {err.start})") from None
 
 
-def _read_json(path):
+def read_small_json(path, what="a tokenizer file", error=TokenizerError):
+    """read_small_text, parsed as JSON; bad JSON, nesting too deep for the parser
+    and integers too long for Python are each one `error`."""
+    text = read_small_text(path, what, error)
     try:
-        return json.loads(_read_text(path))
+        return json.loads(text)
     except json.JSONDecodeError as err:
-        raise TokenizerError(f"{path} is not valid JSON (line {err.lineno}: {err.msg})") from None
-    except (ValueError, RecursionError) as err:     # too deep, or an integer too long
-        raise TokenizerError(f"{path} is not a tokenizer file ({str(err)[:200]})") from None
-
-
-def _read_lines(path):
-    return _read_text(path).split("\n")
-
+        raise error(f"{path} is not valid JSON (line {err.lineno}: {err.msg})") from None
+    except (ValueError, RecursionError) as err:
+        raise error(f"{path} is not {what} ({str(err)[:200]})") from None

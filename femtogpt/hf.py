@@ -31,7 +31,6 @@ WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 VOCAB_NAME, MERGES_NAME, TOKENIZER_JSON = "vocab.json", "merges.txt", "tokenizer.json"
 PICKLES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
-MAX_JSON_BYTES = 64 << 20
 LAYER_NORM_EPS = 1e-5        # the core's (_core.pyx: LN_EPS), GPT-2's and PyTorch's default
 # GPT-2's activation names -> femtogpt's GELU form (gelu_new, gelu_fast and
 # gelu_pytorch_tanh are the same tanh formula; gelu is the exact erf form).
@@ -52,17 +51,8 @@ def is_hf_folder(path) -> bool:
 
 
 def _read_json(path, what):
-    try:
-        size = os.path.getsize(path)
-        if size > MAX_JSON_BYTES:
-            raise CheckpointError(f"{path}: {size} bytes is too large for {what}")
-        with open(path, "rb") as f:
-            return json.loads(f.read().decode("utf-8"))
-    except OSError as err:
-        raise CheckpointError(f"cannot read {path}: {err.strerror or err}") from None
-    except (UnicodeDecodeError, ValueError, RecursionError) as err:
-        # (ValueError: bad JSON, and integers too long for Python to parse)
-        raise CheckpointError(f"{path} is not valid JSON ({str(err)[:200]})") from None
+    from .gpt2_tokenizer import read_small_json
+    return read_small_json(path, what, CheckpointError)
 
 
 def config_from_hf(folder) -> GPTConfig:

@@ -71,7 +71,7 @@ _DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 # are read as uint16 and widened by read_float32 (a bfloat16 is the top half of
 # a float32).
 _DTYPES["BF16"] = np.dtype("<u2")
-_FLOAT_KINDS = ("F32", "F16", "BF16", "F64")
+FLOAT_KINDS = ("F32", "F16", "BF16", "F64")   # what read_float32 reads
 
 _METADATA_KEY = "__metadata__"
 _TENSOR_KEYS = {"dtype", "shape", "data_offsets"}
@@ -300,7 +300,7 @@ class TensorFile:
     def read_float32(self, name) -> np.ndarray:
         """A floating-point tensor (F32, F16, BF16 or F64) as a new float32 array."""
         kind = self.kind(name)
-        if kind not in _FLOAT_KINDS:
+        if kind not in FLOAT_KINDS:
             raise CheckpointError(f"{self.path}: tensor {name!r} is {kind}, not a "
                                   f"floating-point tensor")
         raw = self._read_raw(name)

@@ -17,6 +17,7 @@ import warnings
 import numpy as np
 
 from .checkpoint import BEST_NAME, LATEST_NAME, TensorFile, model_from_file
+from .tensorfile import FLOAT_KINDS
 from .errors import CheckpointError, FemtoGPTError, UnverifiedCheckpointWarning
 
 INTACT, UNVERIFIED, DAMAGED = "intact", "unverified", "DAMAGED"
@@ -100,7 +101,7 @@ def _verify_foreign_folder(folder: str, shards: list[str]) -> list[tuple[str, st
             with TensorFile(shard, foreign=True) as f:
                 n_bytes = 0
                 for name in f.names:
-                    floating = f.kind(name) in ("F32", "F16", "BF16", "F64")
+                    floating = f.kind(name) in FLOAT_KINDS
                     array = f.read_float32(name) if floating else f.read(name)
                     n_bytes += array.nbytes
                     if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
