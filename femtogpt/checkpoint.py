@@ -113,7 +113,7 @@ def load(path, prefer=BEST_NAME):
     else the latest training state.
     """
     from femtogpt.hf import is_hf_folder, load_hf
-    if is_hf_folder(path) and not os.path.exists(os.path.join(path, prefer)):
+    if is_hf_folder(path):
         return load_hf(path)
     with TensorFile(checkpoint_path(path, prefer)) as f:
         model, tokenizer = model_from_file(f)

@@ -22,6 +22,7 @@ import shutil
 
 import numpy as np
 
+from .checkpoint import BEST_NAME, LATEST_NAME
 from .errors import CheckpointError, ConfigError
 from .model import GPT, GPTConfig
 from .tensorfile import TensorFile, save_tensors
@@ -44,7 +45,11 @@ SKIPPED = (".attn.bias", ".attn.masked_bias")
 
 
 def is_hf_folder(path) -> bool:
-    return os.path.isdir(path) and os.path.isfile(os.path.join(path, CONFIG_NAME))
+    """A Hugging Face model folder, and not a femtogpt run that happens to hold a
+    config.json (a run's checkpoints decide)."""
+    return (os.path.isdir(path) and os.path.isfile(os.path.join(path, CONFIG_NAME))
+            and not any(os.path.exists(os.path.join(path, name))
+                        for name in (BEST_NAME, LATEST_NAME)))
 
 
 # --------------------------------------------------------------------------- reading

@@ -27,6 +27,7 @@ from .distributed import (TAIL_LOSS, TAIL_STOP_SLOTS, Solo, batch_share, default
                           fingerprint, rank_dropout_seed)
 from .data import check_split_size, encode_dataset, get_batch, read_text, split_train_val
 from .errors import CheckpointError, ConfigError, FemtoGPTError
+from .hf import is_hf_folder
 from .model import GPT, GPTConfig
 from .optim import AdamW, get_lr, grad_norm  # noqa: F401 (re-exported)
 from .rundir import (RUN_FILES, check_out_dir, plot_losses, read_metrics, remove_if_present,
@@ -68,7 +69,7 @@ class Run:
         # settings not given, before they are checked (a resume then takes the
         # saved ones instead, as for any setting not given).
         self.finetune_defaults = {}
-        if init_from is not None and _is_pretrained_folder(init_from):
+        if init_from is not None and is_hf_folder(init_from):
             self.finetune_defaults = _finetune_defaults(cfg, explicit, init_from)
             for name, value in self.finetune_defaults.items():
                 setattr(cfg, name, value)
@@ -216,7 +217,7 @@ class Run:
 
     def _init_from(self, source, explicit):
         from .hf import load_hf
-        if _is_pretrained_folder(source):
+        if is_hf_folder(source):
             file = source
             model, tokenizer = load_hf(source)
             cfg = self.cfg
@@ -491,13 +492,6 @@ def _fit_tokenizer(cfg, text, train_text):
     if cfg.tokenizer == "bpe":
         return build_tokenizer("bpe", train_text, cfg.vocab_size)
     return build_tokenizer(cfg.tokenizer, text)
-
-
-def _is_pretrained_folder(path):
-    """A Hugging Face GPT-2 folder (and not a femtogpt run that happens to hold a
-    config.json)."""
-    from .hf import is_hf_folder
-    return is_hf_folder(path) and not os.path.exists(os.path.join(path, BEST_NAME))
 
 
 def _finetune_defaults(cfg, explicit, folder):
