@@ -1,4 +1,5 @@
-"""Build the compiled core, femtogpt/_core.pyx, with OpenMP.
+"""Build the compiled core, femtogpt/_core.pyx, with OpenMP (and femtogpt/_text.pyx,
+the BPE encoder for long texts, and femtogpt/_cpu.pyx, the CPU check).
 
 Everything else is declared in pyproject.toml.
 
@@ -64,6 +65,13 @@ extensions = [
               define_macros=MACROS + [("FEMTOGPT_TARGET", c_string(target))])
     for target, module, flags in BUILDS
 ]
+# Byte-level BPE encoding of long texts (tokenizer.py and token_cache.py call it):
+# scalar code, one baseline build, with ASan when the core has it.
+extensions.append(Extension(
+    "femtogpt._text", ["femtogpt/_text.pyx"],
+    include_dirs=[numpy.get_include()],
+    extra_compile_args=COMPILE_ARGS + (BUILDS[0][2] if BUILDS[0][0] == "asan" else []),
+    extra_link_args=LINK_ARGS + EXTRA_LINK, define_macros=MACROS))
 # The CPU check: baseline code, so that it runs before we know what the CPU has.
 extensions.append(Extension(
     "femtogpt._cpu", ["femtogpt/_cpu.pyx"],

@@ -71,11 +71,17 @@ def _class_ranges(categories):
 
 
 @functools.lru_cache(maxsize=1)
+def _gpt2_classes():
+    """OpenAI's letter, number and white-space classes, as regex classes."""
+    return f"[{_class_ranges('L')}]", f"[{_class_ranges('N')}]", f"[{_WHITE_SPACE}]"
+
+
+@functools.lru_cache(maxsize=1)
 def gpt2_pattern():
     r"""OpenAI's GPT-2 pre-split, compiled for Python's re:
     's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
     (built once per process from unicodedata: about a second)."""
-    letters, numbers, space = _class_ranges("L"), _class_ranges("N"), _WHITE_SPACE
+    letters, numbers, space = (c[1:-1] for c in _gpt2_classes())
     return re.compile(
         r"'s|'t|'re|'ve|'m|'ll|'d"
         f"| ?[{letters}]+"
@@ -137,6 +143,11 @@ class GPT2Tokenizer(BPETokenizer):
 
     kind = "gpt2"
     _presplit = _Presplit()
+    _contractions = True
+
+    @property
+    def _presplit_classes(self):
+        return _gpt2_classes()
 
     def __init__(self, byte_ids, merges, specials):
         byte_ids, merges, specials = _check_parts(byte_ids, merges, specials)
@@ -320,6 +331,40 @@ class GPT2Tokenizer(BPETokenizer):
                 pieces.append(self._to_external[internal.astype(np.int64)])
         ids = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
         return ids.astype(self.id_dtype)
+
+    def encode_utf8(self, data) -> np.ndarray:
+        """encode_array's ids for a whole text given as valid UTF-8 bytes, in C."""
+        pieces = []
+        for segment, special in self._byte_segments(bytes(data)):
+            if special is not None:
+                pieces.append(np.array([special], dtype=np.uint32))
+            else:
+                internal = self._encode_utf8_internal(segment)
+                pieces.append(self._to_external[internal].astype(np.uint32))
+        return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.uint32)
+
+    def _byte_segments(self, data):
+        if not self._specials:
+            yield data, None
+            return
+        if self.__dict__.get("_special_split_bytes") is None:
+            self._special_split_bytes = re.compile(b"(" + b"|".join(
+                re.escape(t.encode("utf-8")) for t in sorted(self._specials, key=len,
+                                                             reverse=True)) + b")")
+        for i, piece in enumerate(self._special_split_bytes.split(data)):
+            if i % 2:
+                yield None, self._specials[piece.decode("utf-8")]
+            elif piece:
+                yield piece, None
+
+    def cut_outside_specials(self, data, cut):
+        """cut moved back to the start of a special token that spans it."""
+        for text in self._specials:
+            token = text.encode("utf-8")
+            start = data.find(token, max(0, cut - len(token) + 1), cut + len(token) - 1)
+            if 0 <= start < cut:
+                return start or None
+        return cut
 
     def decode_bytes(self, ids) -> bytes:
         vocab = self._ext_vocab

@@ -348,6 +348,9 @@ _PRESPLIT = re.compile(
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
+# encode_array hands texts of at least this many characters to the C encoder.
+_NATIVE_MIN_CHARS = 1 << 14
+
 # Chunks longer than this many bytes are encoded by the heap-based merge,
 # O(n log n), instead of the simple rescanning loop, O(n * merges applied).
 _LONG_CHUNK = 48
@@ -525,6 +528,11 @@ class BPETokenizer(Tokenizer):
     kind = "bpe"
     # The pre-split pattern (a subclass may use another one).
     _presplit = _PRESPLIT
+    # The same pattern for the C encoder (bulk_encode.py): a regex class for
+    # each of letter, number and white space, and whether GPT-2's English
+    # contractions come first.
+    _presplit_classes = (r"[^\W\d_]", r"\d", r"\s")
+    _contractions = False
 
     def __init__(self, merges=()):
         self._merges = _check_merges(merges)
@@ -571,6 +579,8 @@ class BPETokenizer(Tokenizer):
         return ids
 
     def encode_array(self, text: str, what: str = "text") -> np.ndarray:
+        if len(text) >= _NATIVE_MIN_CHARS and _SURROGATE.search(text) is None:
+            return self._encode_utf8_internal(text.encode("utf-8")).astype(self.id_dtype)
         text = _presplit_text(text)
         cache: dict[str, tuple[int, ...]] = {}
         pieces = []
@@ -590,6 +600,25 @@ class BPETokenizer(Tokenizer):
         if not pieces:
             return np.zeros(0, dtype=self.id_dtype)
         return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+
+    def encode_utf8(self, data) -> np.ndarray:
+        """The ids (uint32) of a whole text given as valid UTF-8 bytes: those of
+        encode_array(data.decode()), computed in C on every OpenMP thread."""
+        return self._encode_utf8_internal(data)
+
+    def _encode_utf8_internal(self, data) -> np.ndarray:
+        native = self.__dict__.get("_native")
+        if native is None:
+            from .bulk_encode import NativeBPE, class_table
+            native = self._native = NativeBPE(self._merges, class_table(*self._presplit_classes),
+                                              self._contractions)
+        from ._text import max_threads
+        return native.encode(data, max_threads())
+
+    def cut_outside_specials(self, data, cut):
+        """cut, or an earlier safe place if cut falls inside a special token
+        (BPEStream asks; plain BPE has no special tokens)."""
+        return cut
 
     def _encode_chunks(self, chunks, ids: list, cache: dict) -> None:
         """Append the ids of each chunk to ids; cache maps chunk -> ids.
