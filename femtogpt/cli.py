@@ -14,8 +14,10 @@ from .errors import FemtoGPTError
 
 # What each training flag means (the defaults are printed from the presets).
 TRAIN_HELP = {
-    "data": "training text file (UTF-8); default: Tiny Shakespeare, bundled",
-    "out": "run directory: checkpoints, metrics.jsonl, loss.png",
+    "data": "training text (UTF-8): a file, a directory (its files, in sorted order) or a "
+            "glob such as 'books/**/*.txt'; tokenized once into a token cache",
+    "out": "run directory: checkpoints, metrics.jsonl, loss.png (and the token cache)",
+    "cache_dir": "where the token cache lives, to share it between runs",
     "tokenizer": "how text becomes tokens: char (the text's distinct characters), byte "
                  "(UTF-8 bytes, any text) or bpe (byte-level BPE learned from the training "
                  "text: shorter sequences, so more text per context window)",
@@ -55,12 +57,14 @@ def _flag(name):
 def _preset_defaults(name):
     from .train import PRESETS, TrainConfig
     values = [getattr(PRESETS[p], name) for p in ("baby", "small", "femto")]
-    if name in ("data", "out", "tokenizer", "vocab_size", "threads", "seed",
+    if name in ("data", "out", "cache_dir", "tokenizer", "vocab_size", "threads", "seed",
                 "sample_tokens") or \
             len(set(values)) == 1:
         value = getattr(TrainConfig(), name)
         if name == "data":
-            return "Tiny Shakespeare"
+            return "Tiny Shakespeare, bundled"
+        if name == "cache_dir":
+            return "OUT/cache"
         return f"{value}"
     return f"baby {values[0]}, small {values[1]}, femto {values[2]}"
 
@@ -89,8 +93,8 @@ def add_train_arguments(parser):
             extra["choices"] = list(GELU_FORMS)
         metavar = {int: "N", float: "X", str: "PATH"}[kind]
         if f.name in ("data",):
-            metavar = "FILE"
-        elif f.name == "out":
+            metavar = "PATH"
+        elif f.name in ("out", "cache_dir"):
             metavar = "DIR"
         elif f.name in ("tokenizer", "gelu"):
             metavar = None
@@ -177,11 +181,13 @@ def build_parser():
     p_sample.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                           help="show the full traceback on errors")
     p_verify = sub.add_parser(
-        "verify", help="check that a run's checkpoints are intact",
+        "verify", help="check that a run's checkpoints and token cache are intact",
         description="Read every checkpoint of a run (or one checkpoint file, or a Hugging "
-                    "Face model folder) and check every tensor against its digest. Writes "
-                    "nothing. Exit status: 0 if everything is intact, 1 if anything is "
-                    "damaged.")
+                    "Face model folder) and check every tensor against its digest; check "
+                    "the run's token cache (or a --cache-dir) against its digests and its "
+                    "sources. Writes nothing. Exit status: 0 if everything is intact (a "
+                    "stale cache is rebuilt by the next run, and is not damage), 1 if "
+                    "anything is damaged.")
     p_verify.add_argument("path", metavar="RUN_OR_FILE",
                           help="a run directory, a checkpoint file or a Hugging Face folder")
     p_verify.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
@@ -199,7 +205,51 @@ def build_parser():
                           help="replace DIR if it is not empty")
     p_export.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                           help="show the full traceback on errors")
+    p_prepare = sub.add_parser(
+        "prepare", help="tokenize a corpus into a token cache, ahead of training",
+        description="Tokenize --data once into a memory-mapped token cache (what `femtogpt "
+                    "train` does at its first start), with a progress bar. `femtogpt train` "
+                    "with the same --data, --tokenizer, --vocab-size and --out (or "
+                    "--cache-dir) then starts from it at once.")
+    p_prepare.add_argument("--data", required=True, metavar="PATH", help=TRAIN_HELP["data"])
+    p_prepare.add_argument("--tokenizer", choices=["char", "byte", "bpe"], default="char",
+                           help=TRAIN_HELP["tokenizer"] + " (default: char)")
+    p_prepare.add_argument("--vocab-size", type=int, default=512, metavar="N",
+                           help=TRAIN_HELP["vocab_size"] + " (default: 512)")
+    p_prepare.add_argument("--init-from", metavar="DIR", default=None,
+                           help="use the tokenizer of this model instead (a Hugging Face "
+                                "GPT-2 folder or a run), as `femtogpt train --init-from` does")
+    p_prepare.add_argument("--out", default="out", metavar="DIR",
+                           help="the run directory whose cache/ receives it (default: out)")
+    p_prepare.add_argument("--cache-dir", default=None, metavar="DIR",
+                           help=TRAIN_HELP["cache_dir"] + " (default: OUT/cache)")
+    p_prepare.add_argument("--rebuild", action="store_true",
+                           help="tokenize again even if the cache is up to date")
+    p_prepare.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p_prepare.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                           help="show the full traceback on errors")
     return parser
+
+
+def prepare_command(args):
+    from .config import TrainConfig
+    from .token_cache import open_tokens
+    kind, tokenizer = args.tokenizer, None
+    TrainConfig(tokenizer=kind, vocab_size=args.vocab_size).validate()
+    if args.init_from is not None:
+        from .checkpoint import load
+        _, tokenizer = load(args.init_from)
+        kind = tokenizer.to_dict()["type"]
+    cache_dir = args.cache_dir or os.path.join(args.out, "cache")
+    tokens = open_tokens(os.path.abspath(args.data), kind, args.vocab_size,
+                         tokenizer=tokenizer, cache_dir=cache_dir, rebuild=args.rebuild,
+                         progress=False if args.no_progress else None,
+                         log=lambda message: print(message, file=sys.stderr))
+    state = "built" if tokens.built else "up to date, reused"
+    print(f"token cache {tokens.folder} ({state}): {len(tokens.train):,} train / "
+          f"{len(tokens.val):,} val tokens, {tokens.tokenizer.kind} vocabulary of "
+          f"{tokens.tokenizer.vocab_size:,}")
+    return 0
 
 
 def export_command(args):
@@ -219,6 +269,7 @@ def verify_command(args):
     for file, status, detail in report:
         print(f"{status:10s} {file}: {detail}")
     damaged = sum(status == DAMAGED for _, status, _ in report)
+    # (a stale token cache is not damage: the next run rebuilds it)
     if damaged:
         print(f"{damaged} of {len(report)} file(s) damaged", file=sys.stderr)
         return 1
@@ -321,8 +372,8 @@ def main(argv=None):
         parser.print_help()
         return 2
     from .sample import sample_command
-    command = {"train": train_command, "sample": sample_command,
-               "verify": verify_command, "export": export_command}[args.command]
+    command = {"train": train_command, "sample": sample_command, "verify": verify_command,
+               "export": export_command, "prepare": prepare_command}[args.command]
     return run_guarded(command, args)
 
 

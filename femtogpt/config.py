@@ -24,6 +24,7 @@ class TrainConfig:
     """Every knob of a training run; each field is a `femtogpt train` flag."""
     data: str = BUNDLED_DATA
     out: str = "out"
+    cache_dir: str = ""       # the token cache's folder ("": OUT/cache)
     tokenizer: str = "char"
     vocab_size: int = 512     # bpe only: the vocabulary to train up to
     # model

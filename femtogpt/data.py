@@ -123,10 +123,14 @@ def get_batch(
     check_split_size(ids, block_size, split_name)
     # Exactly nanoGPT's draw, so a run is reproducible from its seed / saved RNG state.
     starts = rng.integers(0, len(ids) - block_size, size=batch_size)
-    # One fancy-indexing gather of every window, each block_size + 1 long: x and y
-    # are its two overlapping slices, so each id is read once.
-    offsets = np.arange(block_size + 1)
-    windows = np.asarray(ids)[starts[:, None] + offsets[None, :]].astype(np.int64)
+    # One gather of every window, each block_size + 1 long: x and y are its two
+    # overlapping slices, so each id is read once. A token cache's file
+    # (token_cache.TokenFile) reads them through a memmap.
+    if hasattr(ids, "windows"):
+        windows = ids.windows(starts, block_size + 1)
+    else:
+        offsets = np.arange(block_size + 1)
+        windows = np.asarray(ids)[starts[:, None] + offsets[None, :]].astype(np.int64)
     x = np.ascontiguousarray(windows[:, :-1])
     y = np.ascontiguousarray(windows[:, 1:])
     return x, y

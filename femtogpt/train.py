@@ -11,6 +11,7 @@ The settings are config.py's, the optimizer optim.py's, the folder rundir.py's.
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -25,14 +26,14 @@ from .config import (ARCHITECTURE, BUNDLED_DATA, FINETUNE_DEFAULTS,  # noqa: F40
                      PRESETS, TrainConfig)
 from .distributed import (TAIL_LOSS, TAIL_STOP_SLOTS, Solo, batch_share, default_threads,
                           fingerprint, rank_dropout_seed)
-from .data import check_split_size, encode_dataset, get_batch, read_text, split_train_val
-from .errors import CheckpointError, ConfigError, FemtoGPTError
+from .data import check_split_size, get_batch
+from .errors import CheckpointError, ConfigError, DataError, FemtoGPTError
 from .hf import is_hf_folder
 from .model import GPT, GPTConfig
 from .optim import AdamW, get_lr, grad_norm  # noqa: F401 (re-exported)
 from .rundir import (RUN_FILES, check_out_dir, plot_losses, read_metrics, remove_if_present,
                      remove_stale_temp_files)
-from .tokenizer import build_tokenizer
+from .token_cache import open_tokens
 
 
 
@@ -51,11 +52,12 @@ class Run:
     """
 
     def __init__(self, cfg, log=print, init_from=None, explicit=None, comm=None,
-                 overwrite=False):
+                 overwrite=False, progress=None):
         """explicit: the fields the user gave (the command line's flags); on a
         resume the others continue as saved. None (the Python API): every field
         of cfg is meant, except the architecture and tokenizer under init_from,
-        which come from the source. overwrite: replace a run already in cfg.out."""
+        which come from the source. overwrite: replace a run already in cfg.out.
+        progress: the token cache's progress bars (None: on a terminal only)."""
         # Everything that can be wrong (options, data, checkpoints) is checked
         # before anything is written: a refused run leaves the disk as it was.
         # A copy: the caller's config (a preset, say) is never changed.
@@ -90,18 +92,54 @@ class Run:
         resume = self._decide_resume()
         if resume:
             self._resume(explicit)    # the run's own settings, --data included
+        if self.cfg.batch_size < comm.size:
+            raise ConfigError(f"--batch-size {self.cfg.batch_size} is smaller than the number "
+                              f"of ranks ({comm.size}): every rank needs at least one sequence")
         # Saved absolute, so that a resume from another directory finds the text.
         self.cfg.data = os.path.abspath(self.cfg.data)
-        text = read_text(self.cfg.data)
-        train_text, val_text = split_train_val(text)
+        cfg = self.cfg
+        if resume:
+            given = self.tokenizer
+        elif init_from is not None:
+            model, given = self._init_from(init_from, explicit)
+        else:
+            if cfg.tokenizer == "gpt2":
+                raise ConfigError("--tokenizer gpt2 comes with a GPT-2 model: use "
+                                  "--init-from GPT2_FOLDER (a Hugging Face GPT-2 folder)")
+            given = None        # fitted to the corpus, in the token cache
+        # What this start creates, so that a run refused from here on (its data
+        # is too short, say) leaves the disk as it was; the cache's messages are
+        # printed once the data is accepted (a refusal is then one line).
+        cache_root = self.cache_root = cfg.cache_dir or os.path.join(cfg.out, "cache")
+        created = [p for p in (cfg.out, cache_root) if not os.path.exists(p)]
+        messages, tokens = [], None
+        try:
+            tokens = self._open_tokens(given, resume, progress, messages.append)
+            self._start_with(tokens, resume, init_from, given,
+                             model if init_from is not None and not resume else None)
+        except FemtoGPTError:
+            if tokens is not None and tokens.built:
+                shutil.rmtree(tokens.folder, ignore_errors=True)
+            for path in reversed(created):
+                try:
+                    os.rmdir(path)          # only if nothing else is in it
+                except OSError:
+                    pass
+            raise
+        for message in messages:
+            self.log(message)
+        self.metrics = []
+        self.resumed = resume
+        if not comm.distributed:
+            self.prepare_out_dir()
+        # (distributed: _start_run does it once every rank has started)
+
+    def _start_with(self, tokens, resume, init_from, given, model):
+        """The model (for a fresh run), the streams and the data checks."""
+        cfg, comm = self.cfg, self.comm
         if not resume:
-            if init_from is not None:
-                model, tokenizer = self._init_from(init_from, explicit)
-            else:
-                if cfg.tokenizer == "gpt2":
-                    raise ConfigError("--tokenizer gpt2 comes with a GPT-2 model: use "
-                                      "--init-from GPT2_FOLDER (a Hugging Face GPT-2 folder)")
-                tokenizer = _fit_tokenizer(cfg, text, train_text)
+            tokenizer = tokens.tokenizer if given is None else given
+            if init_from is None:
                 model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size,
                                       block_size=cfg.block_size, n_layer=cfg.n_layer,
                                       n_head=cfg.n_head, n_embd=cfg.n_embd,
@@ -119,9 +157,6 @@ class Run:
             self.dropout_seed = self.model.dropout_seed
         self.model.dropout_seed = rank_dropout_seed(self.dropout_seed, comm.rank)
         self.model.train()
-        if cfg.batch_size < comm.size:
-            raise ConfigError(f"--batch-size {cfg.batch_size} is smaller than the number of "
-                              f"ranks ({comm.size}): every rank needs at least one sequence")
         # The global batch is cfg.batch_size; this rank computes its share of it,
         # and weights its gradient and loss by that share before they are summed.
         self.local_batch = batch_share(cfg.batch_size, comm.rank, comm.size)
@@ -130,25 +165,24 @@ class Run:
         self.batch_offset = sum(batch_share(cfg.batch_size, r, comm.size)
                                 for r in range(comm.rank))
 
-        self.train_ids = encode_dataset(train_text, self.tokenizer)
-        self.val_ids = encode_dataset(val_text, self.tokenizer)
+        self.tokens = tokens
+        self.train_ids, self.val_ids = tokens.train, tokens.val
         check_split_size(self.train_ids, cfg.block_size, "train")
         check_split_size(self.val_ids, cfg.block_size, "val")
         # Characters per token of the val split: bits per character compare runs
         # whose tokenizers differ.
-        self.val_chars_per_token = len(val_text) / len(self.val_ids)
-        self.data_info = {"path": os.path.abspath(cfg.data), "chars": len(text),
-                          "tokens": int(len(self.train_ids) + len(self.val_ids))}
-        if resume and self.saved_data_info.get("chars") not in (None, len(text)):
+        self.val_chars_per_token = tokens.val_chars / len(self.val_ids)
+        self.data_info = {"path": cfg.data, "chars": tokens.chars,
+                          "tokens": int(len(self.train_ids) + len(self.val_ids)),
+                          "files": len(tokens.sources), "digest": tokens.digest}
+        saved_digest = self.saved_data_info.get("digest") if resume else None
+        saved_chars = self.saved_data_info.get("chars") if resume else None
+        if (saved_digest not in (None, tokens.digest)
+                or saved_chars not in (None, tokens.chars)):
             self.log(f"warning: {cfg.data} has changed since this run was saved "
-                     f"({len(text):,} characters, was {self.saved_data_info['chars']:,}): "
+                     f"({tokens.chars:,} characters, was {saved_chars:,}): "
                      f"training continues on the new text, so it will not match an "
                      f"uninterrupted run")
-        self.metrics = []
-        self.resumed = resume
-        if not comm.distributed:
-            self.prepare_out_dir()
-        # (distributed: _start_run does it once every rank has started)
 
     def _decide_resume(self):
         """Continue the run in --out, or start one; refuse to replace another run.
@@ -185,12 +219,40 @@ class Run:
         raise ConfigError(f"--out {out} holds files of another run ({', '.join(present)}) and "
                           f"no training state to resume: {how}")
 
+    def _open_tokens(self, tokenizer, prefer_fit, progress, log):
+        """The corpus as a token cache (token_cache.py), reused or built.
+        Distributed, rank 0 builds it while the others wait, then they open it."""
+        cfg, comm = self.cfg, self.comm
+        fit = (cfg.tokenizer, cfg.vocab_size)
+
+        def open_here(log):
+            return open_tokens(cfg.data, cfg.tokenizer, cfg.vocab_size, tokenizer=tokenizer,
+                               cache_dir=self.cache_root, log=log, progress=progress,
+                               prefer_fit=fit if prefer_fit else None)
+        if not comm.distributed:
+            return open_here(log)
+        tokens = status = None
+        if comm.rank == 0:
+            try:
+                tokens = open_here(log)
+                status = ("ok",)
+            except FemtoGPTError as err:
+                status = ("error", str(err))
+        statuses = comm.allgather(status or ("ok",))
+        failed = [(rank, st[1]) for rank, st in enumerate(statuses) if st[0] == "error"]
+        if failed:
+            rank, message = failed[0]
+            err = DataError(message if rank == comm.rank else f"rank {rank}: {message}")
+            err.agreed = True
+            raise err
+        return tokens if tokens is not None else open_here(lambda message: None)
+
     def _identity(self):
         """What makes two runs the same run: the config, but where --out is and
         how many threads compute it."""
         identity = asdict(self.cfg)
         identity["data"] = os.path.abspath(identity["data"])
-        for name in ("out", "threads"):
+        for name in ("out", "threads", "cache_dir"):
             identity.pop(name)
         return identity
 
@@ -484,16 +546,6 @@ class Run:
         return entry
 
 
-def _fit_tokenizer(cfg, text, train_text):
-    """The run's tokenizer. BPE learns its merges from the training split only,
-    so that the validation text has no say in the vocabulary; the character
-    vocabulary comes from the whole text, as nanoGPT's, so that no validation
-    character is unknown."""
-    if cfg.tokenizer == "bpe":
-        return build_tokenizer("bpe", train_text, cfg.vocab_size)
-    return build_tokenizer(cfg.tokenizer, text)
-
-
 def _finetune_defaults(cfg, explicit, folder):
     """{setting: value}: FINETUNE_DEFAULTS for the settings not given. With
     --learning-rate given and --min-lr not, the rate stays constant at the one
@@ -560,7 +612,7 @@ class _StopOnSignal:
         return False
 
 
-def _start_run(cfg, log, init_from, explicit, comm, overwrite):
+def _start_run(cfg, log, init_from, explicit, comm, overwrite, progress=None):
     """Build the Run; distributed, also check that every rank built the same one.
 
     Every rank validates and loads on its own (they all read the same --data
@@ -569,14 +621,16 @@ def _start_run(cfg, log, init_from, explicit, comm, overwrite):
     """
     if not comm.distributed:
         return Run(cfg, log=log, init_from=init_from, explicit=explicit, comm=comm,
-                   overwrite=overwrite)
+                   overwrite=overwrite, progress=progress)
     run = problem = None
     try:
         run = Run(cfg, log=log, init_from=init_from, explicit=explicit, comm=comm,
-                  overwrite=overwrite)
+                  overwrite=overwrite, progress=progress)
         status = ("ok", run.iter, run.model.config.vocab_size,
                   fingerprint(run.model.params_flat), fingerprint(run.optimizer.exp_avg_sq))
     except FemtoGPTError as err:
+        if getattr(err, "agreed", False):
+            raise               # every rank already knows (the token cache's exchange)
         problem, status = err, ("error", str(err))
     statuses = comm.allgather(status)
     failed = [(rank, st[1]) for rank, st in enumerate(statuses) if st[0] == "error"]
@@ -629,7 +683,7 @@ def train(cfg, init_from=None, explicit=None, progress=None, stream=None, comm=N
         else:
             print(message, file=stream)
 
-    run = _start_run(cfg, log, init_from, explicit, comm, overwrite)
+    run = _start_run(cfg, log, init_from, explicit, comm, overwrite, progress)
     cfg = run.cfg
     model = run.model
     n_params = model.num_parameters()

@@ -2,7 +2,10 @@
 
 Every tensor of every checkpoint is read and checked against its digest (and
 every header against its own); a model checkpoint must also describe a model
-femtogpt can build. Nothing is written. A file from before digests can only be
+femtogpt can build. A run's token cache (or a --cache-dir) is checked too:
+its manifest and every token file against their digests, and its sources
+against the manifest (a cache whose text has changed since is stale: the
+next run rebuilds it). Nothing is written. A file from before digests can only be
 checked for structure; a Hugging Face folder carries no digest at all, so its
 safetensors files are checked for structure, completeness and finite values,
 and the report says so.
@@ -19,8 +22,9 @@ import numpy as np
 from .checkpoint import BEST_NAME, LATEST_NAME, TensorFile, model_from_file
 from .tensorfile import FLOAT_KINDS
 from .errors import CheckpointError, FemtoGPTError, UnverifiedCheckpointWarning
+from .token_cache import MANIFEST, check_entry, find_entries
 
-INTACT, UNVERIFIED, DAMAGED = "intact", "unverified", "DAMAGED"
+INTACT, UNVERIFIED, STALE, DAMAGED = "intact", "unverified", "stale", "DAMAGED"
 
 
 def verify(path) -> list[tuple[str, str, str]]:
@@ -33,14 +37,21 @@ def verify(path) -> list[tuple[str, str, str]]:
         return [_verify_file(path)]
     files = [os.path.join(path, name) for name in (BEST_NAME, LATEST_NAME)
              if os.path.isfile(os.path.join(path, name))]
-    if files:
-        return [_verify_file(f) for f in files]
+    caches = [_verify_cache(folder) for folder in find_entries(path)]
+    if files or caches:
+        return [_verify_file(f) for f in files] + caches
     shards = sorted(glob.glob(os.path.join(path, "*.safetensors")))
     if os.path.isfile(os.path.join(path, "config.json")) and shards:
         return _verify_foreign_folder(path, shards)
     raise CheckpointError(f"nothing to verify in {path}: no {BEST_NAME} or {LATEST_NAME} "
-                          f"(a femtogpt run) and no config.json with .safetensors files "
-                          f"(a Hugging Face model)")
+                          f"(a femtogpt run), no token cache and no config.json with "
+                          f".safetensors files (a Hugging Face model)")
+
+
+def _verify_cache(folder):
+    ok, stale, detail = check_entry(folder)
+    return (os.path.join(folder, MANIFEST), STALE if stale else INTACT if ok else DAMAGED,
+            "token cache: " + detail)
 
 
 def _verify_file(file: str) -> tuple[str, str, str]:

@@ -377,7 +377,8 @@ ERROR_CASES = [
     (["train", "--data", "{binary}", "--out", "{new}"], "data file looks binary"),
     (["train", "--data", "{latin1}", "--out", "{new}"],
      "data file is not UTF-8 text: invalid byte 0xe9 at byte offset 3: {latin1}"),
-    (["train", "--data", "{nothing}", "--out", "{new}"], "data file is a directory"),
+    (["train", "--data", "{nothing}", "--out", "{new}"],
+     "--data directory {nothing} holds no files"),
     (["train", "--data", "{many}", "--out", "{new}"], "distinct characters, more than"),
     (["train", "--data", "{data}", "--out", "{broken}"], "{broken}/ckpt.safetensors"),
     (["sample", "--out", "{broken}"], "{broken}/ckpt.safetensors"),
@@ -543,10 +544,12 @@ def test_verify_reports_an_intact_run(trained, capsys):
     _, out = trained
     assert main(["verify", out]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 2
+    assert len(lines) == 3
     assert lines[0].startswith("intact") and "best.safetensors" in lines[0]
     assert lines[1].startswith("intact") and "ckpt.safetensors" in lines[1]
     assert "a training state at iteration 30" in lines[1] and "every digest matches" in lines[1]
+    # and the run's token cache
+    assert lines[2].startswith("intact") and "manifest.json: token cache: 1 source file" in lines[2]
 
 
 def test_a_damaged_checkpoint_is_refused_by_sample_and_named_by_verify(trained, tmp_path, capsys):
@@ -568,7 +571,7 @@ def test_a_damaged_checkpoint_is_refused_by_sample_and_named_by_verify(trained, 
     lines = report.out.splitlines()
     assert lines[0].startswith("DAMAGED") and "mlp.c_fc.weight" in lines[0]
     assert lines[1].startswith("intact")            # ckpt.safetensors is untouched
-    assert "1 of 2 file(s) damaged" in report.err
+    assert "1 of 3 file(s) damaged" in report.err    # (the third: the token cache)
     assert best.read_bytes() == before               # verify writes nothing
     # training from the damaged model is refused too, writing nothing
     new = tmp_path / "new"

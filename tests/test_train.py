@@ -360,7 +360,7 @@ def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, data_file, mon
     # No half-written temp file is left behind next to them.
     # (loss.png too, where matplotlib is installed)
     assert sorted(set(os.listdir(cfg.out)) - {"loss.png"}) == [
-        "best.safetensors", "ckpt.safetensors", "metrics.jsonl"]
+        "best.safetensors", "cache", "ckpt.safetensors", "metrics.jsonl"]
     # ...and the run continues from the intact state.
     monkeypatch.setattr(checkpoint_module, "_write_durably", real_write)
     assert quiet_train(cfg).iter == 20

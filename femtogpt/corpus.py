@@ -1,0 +1,171 @@
+"""The training text as a stream: --data as a file, a directory or a glob, read
+block by block, never whole.
+
+The corpus is the concatenation of its files in order (a directory's files
+sorted by their path inside it, hidden ones skipped; a glob's matches sorted),
+each without its byte order mark. Every block handed out is whole UTF-8
+characters: a character cut by a block edge waits for the next block. A file
+that is not UTF-8 text is named with the byte offset of the first bad byte;
+a file that changes while it is read is refused, since the tokens would then
+describe no version of it.
+
+The split is by characters, as for a single file: the last val_fraction of the
+concatenation's characters are the validation text.
+"""
+from __future__ import annotations
+
+import codecs
+import glob
+import os
+from dataclasses import dataclass
+
+import xxhash
+
+from .data import _UTF16_BOMS, _UTF8_BOM
+from .errors import DataError
+
+# Bytes read at a time: big enough that per-block costs vanish, small enough
+# that a block and its ids stay far below the memory budget.
+BLOCK_BYTES = 16 << 20
+
+
+@dataclass(frozen=True)
+class Source:
+    """One file of the corpus, as it was when it was listed."""
+    path: str           # absolute
+    size: int           # bytes on disk, byte order mark included
+    mtime_ns: int
+
+    def changed(self) -> bool:
+        """Whether the file on disk is no longer this size and modification time."""
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return True
+        return (st.st_size, st.st_mtime_ns) != (self.size, self.mtime_ns)
+
+    def record(self) -> dict:
+        return {"path": self.path, "size": self.size, "mtime_ns": self.mtime_ns}
+
+
+def _source(path: str) -> Source:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise DataError(f"data file not found: {path}") from None
+    except OSError as err:
+        raise DataError(f"cannot read data file {path}: {err.strerror or err}") from None
+    return Source(os.path.abspath(path), st.st_size, st.st_mtime_ns)
+
+
+def list_sources(data) -> list[Source]:
+    """The files --data names, in corpus order. A file is itself; a directory
+    gives every file below it that is not hidden (nor inside a hidden
+    directory), sorted by path; anything else with *, ? or [ is a glob (** for
+    any depth), its files sorted."""
+    name = os.fspath(data)
+    if os.path.isdir(name):
+        paths = []
+        for root, dirs, files in os.walk(name, followlinks=False):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            paths += [os.path.join(root, f) for f in files if not f.startswith(".")]
+        paths = sorted(p for p in paths if os.path.isfile(p))
+        if not paths:
+            raise DataError(f"--data directory {name} holds no files")
+    elif not os.path.exists(name) and glob.has_magic(name):
+        paths = sorted(p for p in glob.glob(name, recursive=True) if os.path.isfile(p))
+        if not paths:
+            raise DataError(f"--data {name} matches no files")
+    else:
+        if os.path.exists(name) and not os.path.isfile(name):
+            raise DataError(f"data file is not a regular file: {name}")
+        paths = [name]
+    sources = [_source(p) for p in paths]
+    if not any(s.size for s in sources):
+        if len(sources) == 1:
+            raise DataError(f"data file is empty: {sources[0].path}")
+        raise DataError(f"every file of --data {name} is empty")
+    return sources
+
+
+def describe(data, sources) -> str:
+    """How a log line names the corpus."""
+    if len(sources) == 1:
+        return sources[0].path
+    total = sum(s.size for s in sources)
+    return f"{os.fspath(data)} ({len(sources):,} files, {total / 1e6:,.1f} MB)"
+
+
+@dataclass
+class Block:
+    """Whole characters of one file: data is their UTF-8, text the same decoded."""
+    source: int         # index in the source list
+    offset: int         # byte offset of data in the file
+    data: bytes
+    text: str
+
+
+def read_blocks(sources, block_bytes: int = BLOCK_BYTES, digests=None, progress=None):
+    """Yield every file's text as Blocks, in corpus order, checking as it goes.
+
+    digests: a list that receives each file's xxh3-128 hex digest (of its raw
+    bytes) once the file is read whole. progress(n): called with the bytes read.
+    Raises DataError for a file that is unreadable, binary, UTF-16, not UTF-8
+    (with the offset of the first bad byte), or that changed while being read.
+    """
+    for index, src in enumerate(sources):
+        yield from _read_file(index, src, block_bytes, digests, progress)
+
+
+def _read_file(index, src, block_bytes, digests, progress):
+    hasher = xxhash.xxh3_128()
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0          # bytes of the file read so far
+    start = 0           # file offset of the first byte not yet handed out
+    pending = b""       # bytes of a character cut by the block edge
+    try:
+        f = open(src.path, "rb")
+    except OSError as err:
+        raise DataError(f"cannot read data file {src.path}: {err.strerror or err}") from None
+    with f:
+        while True:
+            try:
+                raw = f.read(block_bytes)
+            except OSError as err:
+                raise DataError(f"cannot read data file {src.path}: "
+                                f"{err.strerror or err}") from None
+            hasher.update(raw)
+            final = len(raw) == 0
+            if offset == 0 and raw:
+                if raw.startswith(_UTF16_BOMS):
+                    raise DataError(f"data file is UTF-16 text; convert it to UTF-8 first: {src.path}")
+                if raw.startswith(_UTF8_BOM):
+                    raw, start = raw[len(_UTF8_BOM):], len(_UTF8_BOM)
+                    offset = start
+            nul = raw.find(b"\x00")
+            if nul >= 0:
+                raise DataError(f"data file looks binary (NUL byte at byte offset "
+                                f"{offset + nul}), not UTF-8 text: {src.path}")
+            try:
+                text = decoder.decode(raw, final)
+            except UnicodeDecodeError as err:
+                bad = offset - len(pending) + err.start
+                value = (pending + raw)[err.start]
+                raise DataError(f"data file is not UTF-8 text: invalid byte 0x{value:02x} at "
+                                f"byte offset {bad}: {src.path}") from None
+            offset += len(raw)
+            whole = pending + raw
+            pending = decoder.getstate()[0]
+            data = whole[:len(whole) - len(pending)] if pending else whole
+            if data:
+                yield Block(index, start, data, text)
+                start += len(data)
+            if progress is not None and raw:
+                progress(len(raw))
+            if final:
+                break
+    if offset != src.size or src.changed():
+        raise DataError(f"{src.path} changed while it was being read (it was {src.size:,} "
+                        f"bytes, {offset:,} were read); run again once it no longer changes")
+    if digests is not None:
+        digests.append(hasher.hexdigest())
