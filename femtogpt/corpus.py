@@ -105,7 +105,7 @@ class Block:
     text: str
 
 
-def read_blocks(sources, block_bytes: int = BLOCK_BYTES, digests=None, progress=None):
+def read_blocks(sources, block_bytes: int | None = None, digests=None, progress=None):
     """Yield every file's text as Blocks, in corpus order, checking as it goes.
 
     digests: a list that receives each file's xxh3-128 hex digest (of its raw
@@ -113,6 +113,7 @@ def read_blocks(sources, block_bytes: int = BLOCK_BYTES, digests=None, progress=
     Raises DataError for a file that is unreadable, binary, UTF-16, not UTF-8
     (with the offset of the first bad byte), or that changed while being read.
     """
+    block_bytes = block_bytes or BLOCK_BYTES
     for index, src in enumerate(sources):
         yield from _read_file(index, src, block_bytes, digests, progress)
 
@@ -130,7 +131,8 @@ def _read_file(index, src, block_bytes, digests, progress):
     with f:
         while True:
             try:
-                raw = f.read(block_bytes)
+                # (the first read takes at least the 3 bytes of a byte order mark)
+                raw = f.read(block_bytes if offset else max(block_bytes, 4))
             except OSError as err:
                 raise DataError(f"cannot read data file {src.path}: "
                                 f"{err.strerror or err}") from None

@@ -1,4 +1,6 @@
-"""The training text: reading it, encoding it, splitting it, and sampling batches.
+"""Reading a small text file, and sampling batches of training windows.
+
+(A corpus is read, encoded and split by corpus.py and token_cache.py.)
 
 Batches follow nanoGPT: a batch is ``batch_size`` windows of ``block_size + 1``
 consecutive ids at uniformly random starts; the model reads the first
@@ -71,29 +73,6 @@ def _reject_binary(raw: bytes, name: str, what: str) -> None:
     nul = raw.find(b"\x00")
     if nul >= 0:
         raise DataError(f"{what} looks binary (NUL byte at byte offset {nul}), not UTF-8 text: {name}")
-
-
-def encode_dataset(text: str, tokenizer) -> np.ndarray:
-    """The whole text as one array of ids, in the tokenizer's compact dtype."""
-    if not text:
-        raise DataError("the training text is empty")
-    return tokenizer.encode_array(text, what="training text")
-
-
-def split_train_val(ids, val_fraction: float = 0.1):
-    """First (1 - val_fraction) of the ids (or of a text) for training, the rest for validation.
-
-    Training splits the text itself, as nanoGPT does, and encodes each part, so
-    that a learned tokenizer (BPE) never sees the validation text.
-
-    A contiguous tail rather than random windows, as nanoGPT does: random
-    validation windows would overlap training windows and flatter the model.
-    Returns views, not copies.
-    """
-    if not 0.0 <= val_fraction < 1.0:
-        raise ConfigError(f"validation fraction must be in [0, 1), got {val_fraction}")
-    n_train = int(len(ids) * (1.0 - val_fraction))
-    return ids[:n_train], ids[n_train:]
 
 
 def check_split_size(ids: np.ndarray, block_size: int, split_name: str) -> None:

@@ -389,7 +389,8 @@ def _build(folder, sources, spec, kind, vocab_size, tokenizer, log, progress):
         raise DataError("the training text is empty")
     train_chars = int(chars * (1.0 - VAL_FRACTION))
 
-    if tokenizer is None:
+    fitted = tokenizer is None
+    if fitted:
         if kind == "char":
             found = np.flatnonzero(seen)
             if len(found) > MAX_CHAR_VOCAB:
@@ -423,6 +424,16 @@ def _build(folder, sources, spec, kind, vocab_size, tokenizer, log, progress):
             w.discard()
         raise DataError(f"cannot write the token cache in {folder}: "
                         f"{err.strerror or err}") from None
+    except TokenizerError:
+        for w in writers.values():
+            w.discard()
+        # A character the vocabulary fitted in pass 1 does not know: the file
+        # changed in between, which is the error to report.
+        changed = [s.path for s in sources if s.changed()]
+        if fitted and changed:
+            raise DataError(f"{changed[0]} changed while it was being prepared; run again "
+                            f"once it no longer changes") from None
+        raise
     except BaseException:
         for w in writers.values():
             w.discard()

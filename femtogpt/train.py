@@ -698,7 +698,9 @@ def train(cfg, init_from=None, explicit=None, progress=None, stream=None, comm=N
         log(f"distributed: {comm.size} ranks ({comm.local_size} on this machine), each "
             f"computing {' or '.join(map(str, shares))} of the {cfg.batch_size} sequences "
             f"of every step (the global batch is --batch-size)")
-    log(f"data: {run.data_info['path']} ({len(run.train_ids):,} train / "
+    files = run.data_info["files"]
+    log(f"data: {run.data_info['path']}{f' ({files:,} files)' if files > 1 else ''} "
+        f"({len(run.train_ids):,} train / "
         f"{len(run.val_ids):,} val tokens); out: {cfg.out}")
     tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.block_size
     have_plot = True

@@ -3,9 +3,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from femtogpt.data import check_split_size, encode_dataset, get_batch, read_text, split_train_val
-from femtogpt.errors import ConfigError, DataError, TokenizerError
-from femtogpt.tokenizer import ByteTokenizer, CharTokenizer
+from femtogpt.data import check_split_size, get_batch, read_text
+from femtogpt.errors import ConfigError, DataError
 
 # ----------------------------------------------------------------------------- read_text
 
@@ -91,61 +90,7 @@ def test_read_text_invalid_utf8_reports_offset(tmp_path, raw, offset, byte):
     assert "\n" not in message
 
 
-# ----------------------------------------------------------------------------- encoding and splitting
-
-
-def test_encode_dataset_char():
-    text = "hello world\n" * 10
-    tok = CharTokenizer.from_text(text)
-    ids = encode_dataset(text, tok)
-    assert ids.dtype == np.uint8
-    assert ids.shape == (len(text),)
-    assert tok.decode(ids) == text
-
-
-def test_encode_dataset_byte():
-    text = "héllo"
-    ids = encode_dataset(text, ByteTokenizer())
-    assert ids.dtype == np.uint8
-    assert ids.tolist() == list(text.encode("utf-8"))
-
-
-def test_encode_dataset_unknown_characters_named_as_training_text():
-    tok = CharTokenizer.from_text("abc")
-    with pytest.raises(TokenizerError) as info:
-        encode_dataset("abcd", tok)
-    assert str(info.value) == "training text has characters the tokenizer does not know: 'd'"
-
-
-def test_encode_dataset_empty():
-    with pytest.raises(DataError):
-        encode_dataset("", ByteTokenizer())
-
-
-@pytest.mark.parametrize("n", [1, 9, 10, 11, 99, 100, 1000, 1001, 12345])
-def test_split_train_val_is_nanogpt_90_10(n):
-    ids = np.arange(n, dtype=np.uint16)
-    train, val = split_train_val(ids)
-    n_train = int(0.9 * n)  # nanoGPT's formula
-    assert len(train) == n_train
-    assert len(val) == n - n_train
-    assert np.array_equal(train, ids[:n_train])
-    assert np.array_equal(val, ids[n_train:])
-    assert train.dtype == ids.dtype
-
-
-def test_split_train_val_fraction():
-    train, val = split_train_val(np.arange(1000), val_fraction=0.25)
-    assert (len(train), len(val)) == (750, 250)
-    assert train[-1] == 749 and val[0] == 750
-    train, val = split_train_val(np.arange(1000), val_fraction=0.0)
-    assert (len(train), len(val)) == (1000, 0)
-
-
-@pytest.mark.parametrize("fraction", [-0.1, 1.0, 1.5])
-def test_split_train_val_bad_fraction(fraction):
-    with pytest.raises(ConfigError):
-        split_train_val(np.arange(10), val_fraction=fraction)
+# ----------------------------------------------------------------------------- split sizes
 
 
 def test_check_split_size():
@@ -251,3 +196,20 @@ def test_get_batch_windows_in_range(n, block_size, batch_size, seed):
     assert starts.max() + block_size <= n - 1  # y's last position is still inside ids
     assert np.array_equal(x, starts[:, None] + np.arange(block_size))
     assert np.array_equal(y, x + 1)
+
+
+def test_get_batch_from_a_token_file_draws_the_same_batches(tmp_path):
+    # Training reads the token cache through TokenFile: the same draws, the
+    # same windows as from the ids in memory (so resuming stays bit-identical).
+    from femtogpt.token_cache import TokenFile
+    ids = np.random.default_rng(0).integers(0, 300, 5000).astype(np.uint16)
+    path = tmp_path / "ids.bin"
+    ids.tofile(path)
+    file = TokenFile(str(path), len(ids), np.uint16, 300)
+    a, b = np.random.default_rng(3), np.random.default_rng(3)
+    for _ in range(5):
+        x1, y1 = get_batch(ids, 6, 17, a)
+        x2, y2 = get_batch(file, 6, 17, b)
+        np.testing.assert_array_equal(x1, x2)
+        np.testing.assert_array_equal(y1, y2)
+        assert x2.dtype == np.int64 and x2.flags.c_contiguous
