@@ -98,15 +98,23 @@ def describe(data, sources) -> str:
 
 @dataclass
 class Block:
-    """Whole characters of one file: data is their UTF-8, text the same decoded."""
+    """Whole characters of one file: data is their UTF-8, text the same decoded
+    (None when read without decoding), chars how many there are."""
     source: int         # index in the source list
     offset: int         # byte offset of data in the file
     data: bytes
-    text: str
+    text: str | None
+    chars: int
 
 
-def read_blocks(sources, block_bytes: int | None = None, digests=None, progress=None):
+def read_blocks(sources, block_bytes: int | None = None, digests=None, progress=None,
+                decode=True):
     """Yield every file's text as Blocks, in corpus order, checking as it goes.
+
+    decode=False: the blocks carry bytes and character counts only (a second
+    pass over text the first pass checked: it still cuts blocks between
+    characters, fingerprints the files and notices changes, but trusts the
+    bytes to be UTF-8).
 
     digests: a list that receives each file's xxh3-128 hex digest (of its raw
     bytes) once the file is read whole. progress(n): called with the bytes read.
@@ -115,7 +123,8 @@ def read_blocks(sources, block_bytes: int | None = None, digests=None, progress=
     """
     block_bytes = block_bytes or BLOCK_BYTES
     for index, src in enumerate(sources):
-        yield from _read_file(index, src, block_bytes, digests, progress)
+        read = _read_file if decode else _read_file_bytes
+        yield from read(index, src, block_bytes, digests, progress)
 
 
 def _read_file(index, src, block_bytes, digests, progress):
@@ -160,14 +169,65 @@ def _read_file(index, src, block_bytes, digests, progress):
             pending = decoder.getstate()[0]
             data = whole[:len(whole) - len(pending)] if pending else whole
             if data:
-                yield Block(index, start, data, text)
+                yield Block(index, start, data, text, len(text))
                 start += len(data)
             if progress is not None and raw:
                 progress(len(raw))
             if final:
                 break
+    _check_unchanged(src, offset, digests, hasher)
+
+
+def _check_unchanged(src, offset, digests, hasher):
     if offset != src.size or src.changed():
         raise DataError(f"{src.path} changed while it was being read (it was {src.size:,} "
                         f"bytes, {offset:,} were read); run again once it no longer changes")
     if digests is not None:
         digests.append(hasher.hexdigest())
+
+
+def _read_file_bytes(index, src, block_bytes, digests, progress):
+    from ._text import count_chars
+    hasher = xxhash.xxh3_128()
+    offset = start = 0
+    pending = b""
+    try:
+        f = open(src.path, "rb")
+    except OSError as err:
+        raise DataError(f"cannot read data file {src.path}: {err.strerror or err}") from None
+    with f:
+        while True:
+            try:
+                raw = f.read(block_bytes if offset else max(block_bytes, 4))
+            except OSError as err:
+                raise DataError(f"cannot read data file {src.path}: "
+                                f"{err.strerror or err}") from None
+            hasher.update(raw)
+            if offset == 0 and raw.startswith(_UTF8_BOM):
+                raw, start = raw[len(_UTF8_BOM):], len(_UTF8_BOM)
+                offset = start
+            offset += len(raw)
+            whole = pending + raw if pending else raw
+            cut = len(whole) if not raw else _whole_characters(whole)
+            data, pending = whole[:cut], whole[cut:]
+            if data:
+                yield Block(index, start, data, None, count_chars(data))
+                start += len(data)
+            if progress is not None and raw:
+                progress(len(raw))
+            if not raw:
+                break
+    _check_unchanged(src, offset, digests, hasher)
+
+
+def _whole_characters(data: bytes) -> int:
+    """How many leading bytes of data are whole UTF-8 characters."""
+    n = len(data)
+    i = n - 1
+    while i >= 0 and n - i <= 4 and (data[i] & 0xC0) == 0x80:
+        i -= 1
+    if i < 0 or n - i > 4:
+        return n            # not UTF-8 here: the first pass would have refused it
+    lead = data[i]
+    need = 1 if lead < 0x80 else 2 if lead < 0xE0 else 3 if lead < 0xF0 else 4
+    return n if n - i >= need else i

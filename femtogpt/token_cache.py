@@ -33,6 +33,7 @@ import numpy as np
 import xxhash
 
 from . import corpus
+from ._text import char_offset, mark_code_points
 from .errors import DataError, FemtoGPTError, TokenizerError
 from .tokenizer import (MAX_CHAR_VOCAB, BPETokenizer, CharTokenizer, build_tokenizer,
                         tokenizer_from_dict)
@@ -373,16 +374,15 @@ def _build(folder, sources, spec, kind, vocab_size, tokenizer, log, progress):
 
     # Pass 1: characters, fingerprints, and the char vocabulary.
     digests, chars, blocks = [], 0, []
-    seen = np.zeros(0x110000, dtype=bool) if tokenizer is None and kind == "char" \
+    seen = np.zeros(0x110000, dtype=np.uint8) if tokenizer is None and kind == "char" \
         else None
     bar = _Bar(progress, total, "reading")
     try:
         for block in corpus.read_blocks(sources, digests=digests, progress=bar):
-            blocks.append((chars, len(block.text), block.source, block.offset,
-                           len(block.data)))
-            chars += len(block.text)
+            blocks.append((chars, block.chars, block.source, block.offset, len(block.data)))
+            chars += block.chars
             if seen is not None:
-                seen[np.frombuffer(block.text.encode("utf-32-le", "surrogatepass"), "<u4")] = True
+                mark_code_points(np.frombuffer(block.data, np.uint8), seen)
     finally:
         bar.close()
     if chars == 0:
@@ -549,20 +549,19 @@ class _IdWriter:
 
 def _encode_corpus(sources, tokenizer, train_chars, writers, digests, bar):
     """Pass 2: every block's ids to the train writer, then (from character
-    train_chars on) to the val writer; each split is a whole text of its own."""
+    train_chars on) to the val writer; each split is a whole text of its own.
+    The first pass checked the text, so this one reads bytes only."""
     from .bulk_encode import BPEStream
     streaming = isinstance(tokenizer, BPETokenizer)
     stream = BPEStream(tokenizer) if streaming else None
     split, chars = "train", 0
-    for block in corpus.read_blocks(sources, digests=digests, progress=bar):
-        parts = [(split, block.data, block.text)]
-        if split == "train" and chars + len(block.text) > train_chars:
-            k = train_chars - chars
-            head = block.text[:k]
-            n = len(head.encode("utf-8"))
-            parts = [("train", block.data[:n], head), ("val", block.data[n:], block.text[k:])]
-        chars += len(block.text)
-        for part_split, data, text in parts:
+    for block in corpus.read_blocks(sources, digests=digests, progress=bar, decode=False):
+        parts = [(split, block.data)]
+        if split == "train" and chars + block.chars > train_chars:
+            n = char_offset(np.frombuffer(block.data, np.uint8), train_chars - chars)
+            parts = [("train", block.data[:n]), ("val", block.data[n:])]
+        chars += block.chars
+        for part_split, data in parts:
             if part_split != split:
                 if streaming:
                     writers[split].write(stream.finish())
@@ -572,10 +571,8 @@ def _encode_corpus(sources, tokenizer, train_chars, writers, digests, bar):
                 continue
             if streaming:
                 writers[split].write(stream.feed(data))
-            elif tokenizer.kind == "byte":
-                writers[split].write(np.frombuffer(data, dtype=np.uint8))
             else:
-                writers[split].write(tokenizer.encode_array(text, what="training text"))
+                writers[split].write(tokenizer.encode_utf8(data, what="training text"))
     if streaming:
         writers[split].write(stream.finish())
 

@@ -230,6 +230,16 @@ class CharTokenizer(Tokenizer):
             out[start:start + len(piece)] = ids
         return out
 
+    def encode_utf8(self, data, what: str = "text") -> np.ndarray:
+        """The ids (uint32) of a whole text given as valid UTF-8 bytes, in C."""
+        from ._text import char_ids
+        out = np.empty(len(data), dtype=np.uint32)
+        n, first_bad = char_ids(np.frombuffer(data, np.uint8), self._codepoint_lookup(), out)
+        if first_bad >= 0:
+            raise TokenizerError(_describe_unknown(bytes(data).decode("utf-8", "replace"),
+                                                   self._stoi, what))
+        return out[:n]
+
     def _codepoint_lookup(self) -> np.ndarray:
         """Table from codepoint to id, -1 where the vocabulary lacks the codepoint.
 
@@ -296,6 +306,10 @@ class ByteTokenizer(Tokenizer):
     def encode_array(self, text: str, what: str = "text") -> np.ndarray:
         # bytearray, not bytes: frombuffer then gives a writable array without a second copy.
         return np.frombuffer(bytearray(_to_utf8(text)), dtype=np.uint8)
+
+    def encode_utf8(self, data, what: str = "text") -> np.ndarray:
+        """The ids of a whole text given as UTF-8 bytes: the bytes."""
+        return np.frombuffer(data, dtype=np.uint8)
 
     def decode(self, ids) -> str:
         # The model can emit any byte sequence, including a character cut in

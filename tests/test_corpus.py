@@ -74,7 +74,14 @@ def test_blocks_are_whole_characters_whatever_the_block_size(tmp_path, block_byt
     blocks = list(corpus.read_blocks(sources, block_bytes=block_bytes))
     assert "".join(b.text for b in blocks) == text
     for b in blocks:
-        assert b.data.decode("utf-8") == b.text
+        assert b.data.decode("utf-8") == b.text and b.chars == len(b.text)
+    # The second pass reads bytes only, cut at the same kind of edges.
+    digests = []
+    raw = list(corpus.read_blocks(sources, block_bytes=block_bytes, decode=False,
+                                  digests=digests))
+    assert b"".join(b.data for b in raw) == text.encode("utf-8")
+    assert all(b.chars == len(b.data.decode("utf-8")) for b in raw)
+    assert len(digests) == 3
     # Offsets point into each file (after the BOM of part1).
     first_of_part1 = next(b for b in blocks if b.source == 1)
     assert first_of_part1.offset == 3

@@ -5,6 +5,7 @@ block as a corpus is."""
 import numpy as np
 import pytest
 
+import femtogpt
 import femtogpt.tokenizer as tokenizer_module
 from femtogpt import _text
 from femtogpt.bulk_encode import SAFE_CUT, BPEStream, class_table, piece_bounds
@@ -165,3 +166,22 @@ def test_encoder_refuses_bad_tables():
     out, counts = np.zeros(len(junk), np.uint32), np.zeros(1, np.int64)
     enc.encode(junk, np.array([0, len(junk)], np.int64), out, counts)
     assert out[:counts[0]].tolist() == list(junk)
+
+
+def test_char_ids_count_and_offsets_in_c():
+    from femtogpt.tokenizer import CharTokenizer
+    rng = np.random.default_rng(8)
+    for text in list(random_texts(60, seed=9, longest=200000)) + ["", "a", "😀é"]:
+        data = np.frombuffer(text.encode("utf-8"), np.uint8)
+        assert _text.count_chars(data) == len(text)
+        for k in rng.integers(0, len(text) + 2, 5).tolist():
+            assert _text.char_offset(data, k) == len(text[:k].encode("utf-8"))
+        if not text:
+            continue
+        tok = CharTokenizer.from_text(text)
+        assert tok.encode_utf8(data.tobytes()).tolist() == tok.encode(text)
+        # A character the vocabulary lacks is found, wherever it is.
+        missing = text[len(text) // 2]
+        smaller = CharTokenizer("".join(sorted(set(text) - {missing})) or "?")
+        with pytest.raises(femtogpt.TokenizerError, match="does not know"):
+            smaller.encode_utf8(data.tobytes())
