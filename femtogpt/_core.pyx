@@ -1730,6 +1730,18 @@ cdef class Graph:
             self._restore_logits()
         return np.asarray(self.acts_buf)[off:off + <Py_ssize_t>self.B * self.T * self.V]
 
+    def attention_view(self):
+        """The last forward's attention probabilities, (L*B*NH*T*T,) as a view
+        into the activation block ((L, B, NH, T, T) in that order), or None when
+        the batch was too large to keep them (backward recomputes them then)."""
+        if self.acts_buf is None:
+            raise RuntimeError("no forward() has run yet")
+        if self.a.att == NULL:
+            return None
+        cdef Py_ssize_t off = self.a.att - self.acts_buf.data
+        cdef Py_ssize_t n = <Py_ssize_t>self.L * self.B * self.NH * self.T * self.T
+        return np.asarray(self.acts_buf)[off:off + n]
+
     # -- forward ------------------------------------------------------------------
 
     cdef _acquire(self):

@@ -205,6 +205,26 @@ def build_parser():
                           help="replace DIR if it is not empty")
     p_export.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                           help="show the full traceback on errors")
+    p_serve = sub.add_parser(
+        "serve", help="a playground in the browser: live runs, sampling, inside the model",
+        description="Serve a page (http://127.0.0.1:8000 by default) that lists the runs "
+                    "given, draws their loss curves live while they train, streams samples, "
+                    "and shows each token's next-token probabilities, the model's surprise "
+                    "at each token and the attention patterns. It only reads the run "
+                    "folders. Ctrl-C stops it.")
+    p_serve.add_argument("--out", nargs="+", default=["out"], metavar="DIR",
+                         help="run folders, checkpoint files or Hugging Face GPT-2 folders "
+                              "(default: out)")
+    p_serve.add_argument("--host", default="127.0.0.1",
+                         help="address to listen on (default: 127.0.0.1, this machine only; "
+                              "0.0.0.0 exposes the models to the network, with a warning)")
+    p_serve.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0: any "
+                                                                 "free port)")
+    p_serve.add_argument("--threads", type=int, default=0, metavar="N",
+                         help="OpenMP threads for the models (0: OMP_NUM_THREADS, else all cores)")
+    p_serve.add_argument("--verbose", action="store_true", help="log every request")
+    p_serve.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                         help="show the full traceback on errors")
     p_prepare = sub.add_parser(
         "prepare", help="tokenize a corpus into a token cache, ahead of training",
         description="Tokenize --data once into a memory-mapped token cache (what `femtogpt "
@@ -372,8 +392,10 @@ def main(argv=None):
         parser.print_help()
         return 2
     from .sample import sample_command
+    from .serve import serve_command
     command = {"train": train_command, "sample": sample_command, "verify": verify_command,
-               "export": export_command, "prepare": prepare_command}[args.command]
+               "export": export_command, "prepare": prepare_command,
+               "serve": serve_command}[args.command]
     return run_guarded(command, args)
 
 

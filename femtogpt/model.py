@@ -384,6 +384,17 @@ class GPT:
                                    keep, callback)
         return np.concatenate([idx.astype(np.int64), new.astype(np.int64)], axis=1)
 
+    def attention_probs(self):
+        """The last forward's attention probabilities, (n_layer, B, n_head, T, T)
+        float32 (row i: how much position i attends to each position j <= i),
+        or None when that batch was too large for them to be kept."""
+        view = self._graph.attention_view()
+        if view is None:
+            return None
+        cfg = self.config
+        B, T = self._graph.B, self._graph.T
+        return view.reshape(cfg.n_layer, B, cfg.n_head, T, T).copy()
+
     def prefill_logits(self, idx):
         """Fill the KV cache from idx (B, T); logits of the last position (B, V)."""
         return self._graph.prefill_logits(_check_tokens("idx", idx, self.config))

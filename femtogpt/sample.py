@@ -58,8 +58,9 @@ def _check_sample_args(args):
 
 
 def stream_sample(model, tokenizer, prompt, max_new_tokens, temperature=0.8, top_k=200,
-                  top_p=None, seed=None, out=None):
-    """Print the prompt and its continuation to out as tokens arrive; returns the text."""
+                  top_p=None, seed=None, out=None, end="\n"):
+    """Print the prompt and its continuation to out as tokens arrive, then end;
+    returns the text (without end). `femtogpt serve` streams the same calls."""
     out = out or sys.stdout
     ids = tokenizer.encode(prompt, what="prompt")
     if not ids:
@@ -83,7 +84,8 @@ def stream_sample(model, tokenizer, prompt, max_new_tokens, temperature=0.8, top
     if tail:
         pieces.append(tail)
         out.write(tail)
-    out.write("\n")
+    if end:
+        out.write(end)
     out.flush()
     return "".join(pieces)
 

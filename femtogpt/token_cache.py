@@ -13,8 +13,9 @@ An entry lives in a folder of its own under --cache-dir (default: the run's
 --out/cache), named by the sources and how the tokenizer is chosen. Its
 manifest.json says what it holds: the sources (path, size, modification time,
 xxh3-128 of the content), the tokenizer, the split, and each token file's
-length and digest; the manifest carries a digest of itself. An entry is used
-only if all of that still holds; anything else (a changed source, another
+length, modification time and digest; the manifest carries a digest of
+itself. An entry is used only if all of that still holds (a file whose size
+or time changed is read whole against its digest); anything else (a changed source, another
 tokenizer, a file cut short, edited or from another version) rebuilds it.
 Writes are atomic: token files under temporary names, then the manifest by
 rename, which is the moment the entry exists; a killed preparation leaves
@@ -39,7 +40,7 @@ from .tokenizer import (MAX_CHAR_VOCAB, BPETokenizer, CharTokenizer, build_token
                         tokenizer_from_dict)
 
 FORMAT = "femtogpt-token-cache"
-VERSION = 1
+VERSION = 2
 MANIFEST = "manifest.json"
 VAL_FRACTION = 0.1
 
@@ -201,24 +202,36 @@ def _usable(folder, sources, tokenizer):
     for split in ("train", "val"):
         info = manifest["splits"][split]
         file = os.path.join(folder, info["file"])
-        problem = _check_token_file(file, info, np.dtype(manifest["dtype"]).itemsize)
+        problem, read_again = _check_token_file(file, info, np.dtype(manifest["dtype"]).itemsize)
         if problem:
             return None, problem
+        refreshed |= read_again
     if refreshed:
         _write_manifest(folder, manifest)
     return TokenData(folder, manifest), None
 
 
-def _check_token_file(file, info, itemsize):
+def _check_token_file(file, info, itemsize, full=False):
+    """(problem or None, whether it was read whole and its new time recorded).
+
+    A start must not read the whole cache (20 GB for a 10 GB corpus): a token
+    file whose size and modification time are those recorded is taken as
+    written, as for the sources; any other is read against its digest (a
+    touched file is then kept). full=True (femtogpt verify) always reads it.
+    Training still checks every id it reads against the vocabulary."""
     try:
-        size = os.path.getsize(file)
+        st = os.stat(file)
     except OSError:
-        return f"{os.path.basename(file)} is missing"
-    if size != info["tokens"] * itemsize:
-        return f"{os.path.basename(file)} is {size:,} bytes, not {info['tokens'] * itemsize:,}"
+        return f"{os.path.basename(file)} is missing", False
+    if st.st_size != info["tokens"] * itemsize:
+        return (f"{os.path.basename(file)} is {st.st_size:,} bytes, not "
+                f"{info['tokens'] * itemsize:,}"), False
+    if not full and st.st_mtime_ns == info["mtime_ns"]:
+        return None, False
     if _file_digest(file, xxhash.xxh3_128) != info["digest"]:
-        return f"{os.path.basename(file)} does not match its digest (damaged or edited)"
-    return None
+        return f"{os.path.basename(file)} does not match its digest (damaged or edited)", False
+    info["mtime_ns"] = st.st_mtime_ns
+    return None, True
 
 
 def _file_digest(path, algorithm=xxhash.xxh3_128):
@@ -256,8 +269,8 @@ def check_entry(folder):
         return False, False, str(err)
     itemsize = np.dtype(manifest["dtype"]).itemsize
     for split in ("train", "val"):
-        problem = _check_token_file(os.path.join(folder, manifest["splits"][split]["file"]),
-                                    manifest["splits"][split], itemsize)
+        problem, _ = _check_token_file(os.path.join(folder, manifest["splits"][split]["file"]),
+                                       manifest["splits"][split], itemsize, full=True)
         if problem:
             return False, False, problem
     n = sum(manifest["splits"][s]["tokens"] for s in ("train", "val"))
@@ -306,7 +319,7 @@ def read_manifest(path):
             info = manifest["splits"][split]
             assert isinstance(info["tokens"], int) and info["tokens"] >= 0
             assert os.path.basename(info["file"]) == info["file"]
-            assert isinstance(info["digest"], str)
+            assert isinstance(info["digest"], str) and isinstance(info["mtime_ns"], int)
         for s in manifest["sources"]:
             assert {"path", "size", "mtime_ns", "digest"} == set(s)
     except (FemtoGPTError, AssertionError, KeyError, TypeError, ValueError):
@@ -533,7 +546,8 @@ class _IdWriter:
         os.fsync(self.file.fileno())
         self.file.close()
         os.replace(self.tmp, self.path)
-        return {"tokens": self.count, "digest": self.hash.hexdigest()}
+        return {"tokens": self.count, "digest": self.hash.hexdigest(),
+                "mtime_ns": os.stat(self.path).st_mtime_ns}
 
     def discard(self):
         try:
