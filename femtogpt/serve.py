@@ -457,6 +457,11 @@ class Handler(BaseHTTPRequestHandler):
         self.start_events()
         sources = self.server.sources
         offsets = [read_rows_from(s.metrics_path)[1] for s in sources]
+        # What each run's newest model writes now, so the page has a sample at once.
+        for i, source in enumerate(sources):
+            rows = read_rows(source.metrics_path)
+            self.send_event("sample", {"run": i, "iter": rows[-1].get("iter") if rows else None,
+                                       "text": self.server.eval_sample(source)})
         last_beat = time.monotonic()
         while not self.server.stopping.is_set():
             for i, source in enumerate(sources):

@@ -738,6 +738,14 @@ def build_table(res, args):
         rows.append(f"| peak RSS of the default run (MB) | {fmt(f['peak_rss_mb'], ',.0f')} | "
                     f"{fmt(n['peak_rss_mb'], ',.0f')} (nanoGPT) | "
                     f"{fmt(ratio(f['peak_rss_mb'], n['peak_rss_mb']), '.2f')} |")
+    tk = res.get("tokenizer")
+    if tk:
+        rows.append(f"| GPT-2 tokenizer ({tk['vocab']:,} tokens) encoding Tiny Shakespeare x10 "
+                    f"({tk['mb']:.1f} MB), MB/s, 1 thread ({th} threads) | "
+                    f"{fmt(tk['femtogpt_1'], '.1f')} ({fmt(tk['femtogpt_all'], '.1f')}) | "
+                    f"{fmt(tk['tokenizers_1'], '.1f')} (tokenizers, 1 thread) | "
+                    f"{times(ratio(tk['femtogpt_1'], tk['tokenizers_1']))}; same ids: "
+                    f"{'yes' if tk['same_ids'] else 'NO'} |")
     ck = res.get("check")
     if ck:
         for name, c in ck.items():
@@ -1113,6 +1121,22 @@ def main(argv=None):
     # 7. End to end: the default run against nanoGPT's, whole processes alternated.
     if args.vs_nanogpt:
         res["end_to_end"] = measure_end_to_end(args.vs_nanogpt, R, th)
+
+    # 8. The GPT-2 tokenizer's encoding speed, one thread and all, beside the
+    # tokenizers library's (which also builds the vocabulary: no download).
+    if importlib.util.find_spec("tokenizers") is not None:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from gpt2_probe import tokenizer_speed
+        runs = [[tokenizer_speed(8000, threads=t) for t in (1, th)] for _ in range(R)]
+        res["tokenizer"] = {
+            "vocab": runs[0][0]["vocab"], "mb": runs[0][0]["mb"],
+            "same_ids": all(r["same_ids"] for pair in runs for r in pair),
+            "femtogpt_1": statistics.median(p[0]["femtogpt_mb_s"] for p in runs),
+            "femtogpt_all": statistics.median(p[1]["femtogpt_mb_s"] for p in runs),
+            "tokenizers_1": statistics.median(p[0]["tokenizers_mb_s"] for p in runs)}
+    else:
+        log("GPT-2 tokenizer speed skipped: pip install tokenizers (it builds the vocabulary "
+            "to compare against)")
 
     res["machine"]["loadavg_end"] = os.getloadavg()
     res["elapsed_s"] = time.perf_counter() - started

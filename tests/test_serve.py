@@ -208,6 +208,12 @@ def test_the_live_stream_sends_new_metrics_rows_and_a_sample(server, run_dir, tm
     conn.request("GET", "/api/live")
     response = conn.getresponse()
     assert response.status == 200
+    # First, a sample from each run's model as it is now.
+    buffer = b""
+    while b"event: sample" not in buffer:
+        buffer += response.read1(65536)
+    [(name, first)] = events(buffer)
+    assert name == "sample" and first["run"] == 0 and first["iter"] == 20
     time.sleep(0.3)
     row = {"iter": 30, "train_loss": 1.5, "val_loss": 1.6, "val_bpc": 2.3, "lr": 1e-3,
            "tokens_per_s": 1000.0, "elapsed_s": 3.0}

@@ -72,6 +72,7 @@ def test_the_page_lists_the_run_and_its_curve_grows_live(page):
     runs = driver.find_elements(By.CSS_SELECTOR, "#runs li")
     assert len(runs) == 1 and "run" in runs[0].text and "char" in runs[0].text
     wait(driver, lambda d: points(d) == 3)          # evaluations at 0, 10 and 20
+    wait(driver, lambda d: "step 20" in d.find_element(By.ID, "eval-samples").text)
     with open(copy / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"iter": 30, "train_loss": 2.0, "val_loss": 2.1, "val_bpc": 3.0,
                             "lr": 1e-3, "tokens_per_s": 900.0, "elapsed_s": 4.0}) + "\n")

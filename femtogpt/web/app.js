@@ -271,6 +271,7 @@ async function drawAttention() {
   ctx.font = "10px monospace"; ctx.fillStyle = "#333";
   let cells = 0;
   att.matrix.forEach((row, i) => {
+    ctx.fillStyle = "#333";
     if (cell >= 8) ctx.fillText(JSON.stringify(att.tokens[i]).slice(0, 9), 0, label + cell * i + cell - 2);
     row.forEach((p, j) => {
       ctx.fillStyle = `rgba(30, 70, 200, ${Math.sqrt(p)})`;

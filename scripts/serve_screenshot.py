@@ -1,0 +1,60 @@
+"""The README's picture of `femtogpt serve`: a run, its curves, a sample, a
+text analyzed and one head's attention, rendered by headless Chromium.
+
+    python scripts/serve_screenshot.py --out out --to docs/serve.png
+
+Needs Debian's chromium and chromium-driver and selenium (the test extra).
+"""
+import argparse
+import shutil
+import threading
+import time
+
+from selenium import webdriver
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
+
+from femtogpt.serve import make_server
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="out", help="the run to show")
+    ap.add_argument("--to", default="docs/serve.png")
+    ap.add_argument("--prompt", default="ROMEO:")
+    ap.add_argument("--text", default="But soft, what light through yonder window breaks?")
+    args = ap.parse_args()
+    server = make_server([args.out], port=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium")
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1400,1900",
+                 "--hide-scrollbars"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=webdriver.ChromeService(
+        executable_path=shutil.which("chromedriver")), options=options)
+    wait = WebDriverWait(driver, 60).until
+    try:
+        driver.get(f"http://127.0.0.1:{server.server_address[1]}/")
+        wait(lambda d: int(d.find_element(By.ID, "loss-chart").get_attribute("data-points")
+                           or 0) > 0)
+        prompt = driver.find_element(By.ID, "prompt")
+        prompt.send_keys(args.prompt)
+        driver.find_element(By.ID, "seed").clear()
+        driver.find_element(By.ID, "seed").send_keys("7")
+        driver.find_element(By.ID, "generate").click()
+        wait(lambda d: d.find_element(By.ID, "output").get_attribute("data-done") == "true")
+        driver.find_element(By.ID, "analyze-text").send_keys(args.text)
+        driver.find_element(By.ID, "analyze").click()
+        wait(lambda d: d.find_element(By.ID, "attention").get_attribute("data-cells"))
+        driver.find_elements(By.CSS_SELECTOR, "#tokens span")[12].click()
+        time.sleep(0.5)
+        driver.save_screenshot(args.to)
+    finally:
+        driver.quit()
+        server.shutdown()
+    print(f"wrote {args.to}")
+
+
+if __name__ == "__main__":
+    main()
