@@ -130,3 +130,19 @@ def test_bad_input_shows_its_message(page):
     prompt.send_keys("Zebra")
     driver.find_element(By.ID, "analyze").click()
     wait(driver, lambda d: "does not know: 'Z'" in d.find_element(By.ID, "analyze-error").text)
+
+
+def test_stop_cancels_a_sample(page):
+    driver, _ = page
+    element = driver.find_element(By.ID, "max-tokens")
+    element.clear()
+    element.send_keys("2000")
+    driver.find_element(By.ID, "generate").click()
+    wait(driver, lambda d: len(d.find_element(By.ID, "output-text").text) > 20)
+    driver.find_element(By.ID, "stop").click()
+    wait(driver, lambda d: d.find_element(By.ID, "generate").is_enabled())
+    assert driver.find_element(By.ID, "output").get_attribute("data-done") != "true"
+    shown = len(driver.find_element(By.ID, "output-text").get_attribute("textContent"))
+    time.sleep(1.0)
+    assert len(driver.find_element(By.ID, "output-text").get_attribute("textContent")) == shown
+    assert driver.find_element(By.ID, "sample-error").text == ""
