@@ -132,8 +132,13 @@ def test_bad_input_shows_its_message(page):
     wait(driver, lambda d: "does not know: 'Z'" in d.find_element(By.ID, "analyze-error").text)
 
 
-def test_stop_cancels_a_sample(page):
+def test_stop_cancels_a_sample(page, monkeypatch):
     driver, _ = page
+    # This model writes 2,000 tokens in a blink: slow each one down to see Stop act.
+    from femtogpt import serve
+    write = serve._EventStream.write
+    monkeypatch.setattr(serve._EventStream, "write",
+                        lambda self, text: (time.sleep(0.005), write(self, text)))
     element = driver.find_element(By.ID, "max-tokens")
     element.clear()
     element.send_keys("2000")
