@@ -36,6 +36,7 @@ from libc.stdint cimport uint32_t, uint64_t, int32_t
 from libc.stdlib cimport free, malloc, qsort
 from cpython.mem cimport PyMem_Malloc, PyMem_Free
 from libc.string cimport memset, memcpy
+from posix.mman cimport mmap, munmap, PROT_READ, PROT_WRITE, MAP_PRIVATE, MAP_ANONYMOUS, MAP_FAILED
 from scipy.linalg.cython_blas cimport sgemm
 import numpy as np
 
@@ -64,6 +65,13 @@ DEF ALIGN_BYTES = 64      # one cache line, and one AVX-512 register
 DEF ALIGN_FLOATS = 16     # the same in float32 elements
 
 
+# Buffers at least this large are mapped from the kernel rather than taken
+# from malloc: their pages are zero already and cost memory only once
+# written. A model that only samples never writes its gradient block, so it
+# pays for its weights alone (GPT-2 XL: 6.2 GB of gradients not spent).
+DEF MAP_MIN_BYTES = 1 << 20
+
+
 cdef class Buffer:
     """`size` float32 values, 64-byte aligned, zero-filled, owned by the core.
 
@@ -74,26 +82,38 @@ cdef class Buffer:
     cdef readonly Py_ssize_t size
     cdef Py_ssize_t shape[1]
     cdef Py_ssize_t strides[1]
+    cdef size_t mapped      # bytes mapped with mmap, 0 if from posix_memalign
 
     def __cinit__(self, Py_ssize_t size):
         cdef void* ptr = NULL
         cdef size_t nbytes
+        self.mapped = 0
         if size < 0:
             raise ValueError(f"Buffer size must be >= 0, got {size}")
         # Round up to whole cache lines; allocate at least one so data is never NULL.
         nbytes = ((<size_t>size * 4 + ALIGN_BYTES - 1) // ALIGN_BYTES) * ALIGN_BYTES
         if nbytes == 0:
             nbytes = ALIGN_BYTES
-        if posix_memalign(&ptr, ALIGN_BYTES, nbytes) != 0:
-            raise MemoryError(f"could not allocate {nbytes} bytes")
-        memset(ptr, 0, nbytes)
+        if nbytes >= MAP_MIN_BYTES:
+            # Page-aligned, so 64-byte aligned too.
+            ptr = mmap(NULL, nbytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
+            if ptr == MAP_FAILED:
+                raise MemoryError(f"could not allocate {nbytes} bytes")
+            self.mapped = nbytes
+        else:
+            if posix_memalign(&ptr, ALIGN_BYTES, nbytes) != 0:
+                raise MemoryError(f"could not allocate {nbytes} bytes")
+            memset(ptr, 0, nbytes)
         self.data = <float*>ptr
         self.size = size
         self.shape[0] = size
         self.strides[0] = 4
 
     def __dealloc__(self):
-        free(self.data)
+        if self.mapped:
+            munmap(self.data, self.mapped)
+        else:
+            free(self.data)
 
     def __getbuffer__(self, Py_buffer* view, int flags):
         view.buf = <void*>self.data
