@@ -221,7 +221,9 @@ def test_loss_scale_scales_every_gradient():
         np.testing.assert_array_equal(quarter[name], plain[name] * np.float32(0.25), name)
     third = model.backward(loss_scale=1 / 3)
     for name in plain:
-        assert_close(third[name], plain[name] / 3, 1e-6, name)
+        # (float32 rounding through the backward pass differs by a few 1e-7
+        # relative from dividing afterwards; a wrong scale is off by far more)
+        assert_close(third[name], plain[name] / 3, 1e-5, name)
     for bad in (0.0, -1.0, math.inf, math.nan):
         with pytest.raises(ValueError, match="loss_scale"):
             model.backward(loss_scale=bad)
