@@ -213,8 +213,8 @@ cdef int64_t _merge_chunk(const uint8_t* s, int64_t n, const uint64_t* keys,
     cdef int64_t i, j, k, h, m, count, size = 0
     cdef int32_t best, r, a, b
     cdef uint64_t item
-    if not _grow(sc, n):
-        return -1
+    if n > 0x7FFFFFFF or not _grow(sc, n):
+        return -1           # (positions are int32: a 2 GiB word is refused)
     cdef int32_t* t = sc.tokens
     for i in range(n):
         t[i] = s[i]
@@ -330,6 +330,80 @@ cdef int64_t _encode_piece(const uint8_t* s, int64_t n, const uint8_t* classes,
             count += got
         i = end
     return count
+
+
+cdef inline int64_t _char_before(const uint8_t* s, int64_t p) noexcept nogil:
+    """Where the character that ends just before s[p] starts (p > 0)."""
+    cdef int64_t i = p - 1
+    while i > 0 and p - i < 4 and (s[i] & 0xC0) == 0x80:
+        i -= 1
+    return i
+
+
+cdef inline bint _is_safe_cut(const uint8_t* s, int64_t p, int64_t n,
+                              const uint8_t* classes) noexcept nogil:
+    """Whether the pre-split always starts a chunk at s[p], and the text before
+    p ends the same way whether or not the text after it is there (0 < p < n,
+    p at a character boundary). Two kinds, in any script:
+      * after one tab, newline, vertical tab, form feed or carriage return
+        whose neighbours are not white space: that character is a chunk of
+        its own (only U+0020 ever leads a word; a longer white-space run
+        would hand its last character on before a word, and not at the end);
+      * before a U+0020 whose neighbours are not white space: the run before
+        it ends there, and the space leads the next chunk.
+    No alternative of the pattern looks behind, so the chunk at p does not
+    depend on what precedes it."""
+    cdef int length = 0
+    cdef uint8_t c = s[p - 1]
+    cdef int64_t q
+    if c == 9 or c == 10 or c == 11 or c == 12 or c == 13:
+        if p < 2:
+            return False
+        q = _char_before(s, p - 1)
+        return (_class_at(s, q, n, classes, &length) != SPACE
+                and _class_at(s, p, n, classes, &length) != SPACE)
+    if s[p] == 32 and p + 1 < n:
+        q = _char_before(s, p)
+        return (_class_at(s, q, n, classes, &length) != SPACE
+                and _class_at(s, p + 1, n, classes, &length) != SPACE)
+    return False
+
+
+def last_safe_cut(const uint8_t[::1] data not None, const uint8_t[::1] classes not None):
+    """The last safe cut of data (whole UTF-8 characters), or -1."""
+    cdef int64_t p, n = data.shape[0]
+    if classes.shape[0] != 0x110000:
+        raise ValueError("classes must hold one entry per code point (0x110000)")
+    if n < 2:
+        return -1
+    with nogil:
+        p = n - 1
+        while p > 0:
+            if (data[p] & 0xC0) != 0x80 and _is_safe_cut(&data[0], p, n, &classes[0]):
+                break
+            p -= 1
+    return p if p > 0 else -1
+
+
+def first_safe_cut(const uint8_t[::1] data not None, int64_t start, int64_t limit,
+                   const uint8_t[::1] classes not None):
+    """The first safe cut p of data with start <= p < limit, or -1."""
+    cdef int64_t p, n = data.shape[0]
+    if classes.shape[0] != 0x110000:
+        raise ValueError("classes must hold one entry per code point (0x110000)")
+    if limit > n:
+        limit = n
+    if start < 1:
+        start = 1
+    cdef int64_t found = -1
+    with nogil:
+        p = start
+        while p < limit:
+            if (data[p] & 0xC0) != 0x80 and _is_safe_cut(&data[0], p, n, &classes[0]):
+                found = p
+                break
+            p += 1
+    return found
 
 
 def chunk_ends(const uint8_t[::1] data not None, const uint8_t[::1] classes not None,

@@ -7,9 +7,9 @@ definition and serves short texts such as prompts. Three pieces:
 * class_table: each code point's class in a pre-split pattern (letter,
   number, white space, other), read off the pattern's own regex classes, so
   that the C state machine and Python's re agree by construction;
-* safe cuts: places where the pre-split always starts a new chunk, whatever
-  comes before, so that a text cut there encodes to the concatenation of its
-  parts' ids. That lets the text be cut into pieces for the threads, and a
+* safe cuts (found in C, _text.last_safe_cut / first_safe_cut): places
+  where the pre-split always starts a new chunk, whatever comes before, so
+  that a text cut there encodes to the concatenation of its parts' ids. That lets the text be cut into pieces for the threads, and a
   corpus be read block by block;
 * BPEStream: a corpus block by block, holding back the text after the last
   safe cut until the next block (or the end) completes it.
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import re
+import threading
 
 import numpy as np
 
@@ -25,18 +26,10 @@ import numpy as np
 LETTER, NUMBER, SPACE, OTHER = 0, 1, 2, 3
 N_CODE_POINTS = 0x110000
 
-# A safe cut is a zero-width position p where a chunk must start, and where the
-# text before p ends the same way whether or not the text after it is there:
-#  * after a single tab, newline, vertical tab, form feed or carriage return
-#    between two printable ASCII characters: that one character is a chunk
-#    (only a space, U+0020, ever leads a word). A longer white-space run would
-#    not do: before a word it hands its last character on, at the end of a
-#    text it does not;
-#  * before a space that sits between two printable ASCII characters: the
-#    word, number or punctuation run before it ends there.
-# No pattern looks behind, so the chunk that starts at p is the same whether
-# or not the text before p is there.
-SAFE_CUT = re.compile(rb"(?<=[!-~][\t\n\x0b\x0c\r])(?=[!-~])|(?<=[!-~])(?= [!-~])")
+# A safe cut is a place where the pre-split always starts a chunk, and where
+# the text before it ends the same way with or without what follows (the
+# rules, in any script, are _text._is_safe_cut's): a text cut there encodes to
+# the concatenation of its parts' ids.
 
 # Pieces smaller than this are not worth a thread of their own.
 MIN_PIECE_BYTES = 1 << 16
@@ -67,29 +60,21 @@ def class_table(letter: str, number: str, space: str) -> np.ndarray:
     return table
 
 
-def cut_after(data, pos: int, limit: int) -> int | None:
+def cut_after(data, pos: int, limit: int, classes) -> int | None:
     """The first safe cut in data[pos:limit], or None."""
-    m = SAFE_CUT.search(data, pos, limit)
-    return None if m is None else m.start()
+    from ._text import first_safe_cut
+    cut = first_safe_cut(np.frombuffer(data, np.uint8), pos, limit, classes)
+    return None if cut < 0 else cut
 
 
-def last_cut(data) -> int | None:
-    """The last safe cut of data that has text after it, or None (looked for
-    in ever larger tails: text has one every few bytes)."""
-    n, tail = len(data), 4096
-    while True:
-        start = max(0, n - tail)
-        last = None
-        for m in SAFE_CUT.finditer(data, start, n):
-            last = m.start()
-        if last is not None and last > 0:
-            return last
-        if start == 0:
-            return None
-        tail *= 16
+def last_cut(data, classes) -> int | None:
+    """The last safe cut of data that has text after it, or None."""
+    from ._text import last_safe_cut
+    cut = last_safe_cut(np.frombuffer(data, np.uint8), classes)
+    return None if cut <= 0 else cut
 
 
-def piece_bounds(data, n_pieces: int) -> np.ndarray:
+def piece_bounds(data, n_pieces: int, classes) -> np.ndarray:
     """int64 edges that cut data into about n_pieces parts at safe cuts."""
     n = len(data)
     edges = [0]
@@ -97,7 +82,7 @@ def piece_bounds(data, n_pieces: int) -> np.ndarray:
         target = max(edges[-1] + 1, n * k // n_pieces)
         if target >= n:
             break
-        cut = cut_after(data, target, min(n, target + CUT_SEARCH_BYTES))
+        cut = cut_after(data, target, min(n, target + CUT_SEARCH_BYTES), classes)
         if cut is not None and cut > edges[-1]:
             edges.append(cut)
     edges.append(n)
@@ -110,7 +95,11 @@ class NativeBPE:
     def __init__(self, merges, classes: np.ndarray, contractions: bool):
         from . import _text
         pairs = np.array(merges, dtype=np.int32).reshape(-1, 2)
+        self.classes = classes
         self._encoder = _text.Encoder(np.ascontiguousarray(pairs), classes, bool(contractions))
+        # The encoder's word caches are one per OpenMP thread of one call: two
+        # Python threads encoding at once would share them.
+        self._lock = threading.Lock()
 
     def encode(self, data, threads: int) -> np.ndarray:
         """Internal ids (uint32) of data, UTF-8 bytes of a complete text."""
@@ -119,10 +108,12 @@ class NativeBPE:
         if n == 0:
             return np.zeros(0, dtype=np.uint32)
         pieces = max(1, min(4 * threads, n // MIN_PIECE_BYTES)) if threads > 1 else 1
-        bounds = piece_bounds(data.data, pieces) if pieces > 1 else np.array([0, n], np.int64)
+        bounds = piece_bounds(data.data, pieces, self.classes) if pieces > 1 \
+            else np.array([0, n], np.int64)
         out = np.empty(n, dtype=np.uint32)
         counts = np.zeros(len(bounds) - 1, dtype=np.int64)
-        self._encoder.encode(data, bounds, out, counts)
+        with self._lock:
+            self._encoder.encode(data, bounds, out, counts)
         if len(counts) == 1:
             return out[:counts[0]].copy()
         return np.concatenate([out[a:a + c] for a, c in zip(bounds[:-1].tolist(),
@@ -133,17 +124,19 @@ class BPEStream:
     """Encode a text given block by block: feed() returns the ids of the text
     up to the last safe cut seen so far, finish() those of the rest.
 
-    A block without any safe cut (a single line of megabytes without a space)
-    is held until one comes: memory then grows with that line.
+    A block without any safe cut (megabytes without a single space or line
+    break between two words) is held until one comes: memory then grows with
+    that stretch of text.
     """
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
+        self.classes = tokenizer.presplit_class_table()
         self.carry = b""
 
     def feed(self, block: bytes) -> np.ndarray:
         data = self.carry + block if self.carry else block
-        cut = last_cut(data)
+        cut = last_cut(data, self.classes)
         cut = self.tokenizer.cut_outside_specials(data, cut) if cut is not None else None
         if cut is None:
             self.carry = data

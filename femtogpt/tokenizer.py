@@ -620,11 +620,16 @@ class BPETokenizer(Tokenizer):
         encode_array(data.decode()), computed in C on every OpenMP thread."""
         return self._encode_utf8_internal(data)
 
+    def presplit_class_table(self) -> np.ndarray:
+        """The class of every code point in this tokenizer's pre-split (C encoder)."""
+        from .bulk_encode import class_table
+        return class_table(*self._presplit_classes)
+
     def _encode_utf8_internal(self, data) -> np.ndarray:
         native = self.__dict__.get("_native")
         if native is None:
-            from .bulk_encode import NativeBPE, class_table
-            native = self._native = NativeBPE(self._merges, class_table(*self._presplit_classes),
+            from .bulk_encode import NativeBPE
+            native = self._native = NativeBPE(self._merges, self.presplit_class_table(),
                                               self._contractions)
         from ._text import max_threads
         return native.encode(data, max_threads())

@@ -8,7 +8,7 @@ import pytest
 import femtogpt
 import femtogpt.tokenizer as tokenizer_module
 from femtogpt import _text
-from femtogpt.bulk_encode import SAFE_CUT, BPEStream, class_table, piece_bounds
+from femtogpt.bulk_encode import BPEStream, class_table, piece_bounds
 from femtogpt.gpt2_tokenizer import GPT2Tokenizer, gpt2_pattern
 from femtogpt.tokenizer import _PRESPLIT, BPETokenizer
 
@@ -116,17 +116,57 @@ def test_pieces_at_safe_cuts_encode_to_the_whole(bpe, threads, monkeypatch):
         assert bpe.encode_utf8(data).tolist() == want
     finally:
         _core.set_num_threads(previous)
-    # Every safe cut of a sample: the two halves' ids concatenate to the whole's.
-    short = data[:20000]
+    # Safe cuts of a sample: the two halves' ids concatenate to the whole's.
+    short = data[:20000].decode("utf-8", "ignore").encode("utf-8")
     whole = bpe.encode_utf8(short).tolist()
-    cuts = [m.start() for m in SAFE_CUT.finditer(short)]
+    cuts = all_cuts(short, bpe.presplit_class_table())
     assert len(cuts) > 100
-    for cut in cuts[::7]:
+    for cut in cuts[::5]:
         assert (bpe.encode_utf8(short[:cut]).tolist()
                 + bpe.encode_utf8(short[cut:]).tolist()) == whole, cut
-    edges = piece_bounds(data, 8)
+    edges = piece_bounds(data, 8, bpe.presplit_class_table())
     assert edges[0] == 0 and edges[-1] == len(data) and len(edges) > 3
-    assert all(e in set(cuts) or e > 20000 for e in edges[1:-1])
+    assert all(e in set(cuts) or e > len(short) for e in edges[1:-1])
+
+
+def all_cuts(data, classes):
+    cuts, pos = [], 1
+    while True:
+        cut = _text.first_safe_cut(np.frombuffer(data, np.uint8), pos, len(data), classes)
+        if cut < 0:
+            return cuts
+        cuts.append(cut)
+        pos = cut + 1
+
+
+@pytest.mark.parametrize("script", ["Русский текст, слово за словом.\n",
+                                    "中文的句子没有空格。\n另一行的文字！\n",
+                                    "العربية نص حكيم له سر قاطع\n", "Ελληνικά γράμματα εδώ.\r\n"])
+def test_text_in_any_script_has_safe_cuts_and_they_are_safe(script, bpe, tmp_path,
+                                                             monkeypatch):
+    # Corpora with no ASCII letters must still be cut into blocks (else the
+    # whole corpus would wait in memory for a cut).
+    gpt2_files(tmp_path, vocab_size=400)
+    gpt2 = GPT2Tokenizer.from_files(tmp_path / "vocab.json", tmp_path / "merges.txt")
+    rng = np.random.default_rng(10)
+    words = script.replace("\n", " \n ").split(" ")
+    text = "".join(rng.choice(words) + rng.choice([" ", "  ", "\n", "\t", ""]) for _ in range(3000))
+    data = text.encode("utf-8")
+    for tok in (bpe, gpt2):
+        classes = tok.presplit_class_table()
+        cuts = all_cuts(data, classes)
+        assert len(cuts) > 100
+        whole = python_ids(tok, text, monkeypatch)
+        for cut in cuts[::37]:
+            assert (tok.encode_utf8(data[:cut]).tolist()
+                    + tok.encode_utf8(data[cut:]).tolist()) == whole, (cut, data[cut - 5:cut + 5])
+        stream = BPEStream(tok)
+        ids = []
+        for start in range(0, len(data), 777):
+            ids += stream.feed(data[start:start + 777]).tolist()
+            assert len(stream.carry) < 5000        # the carry stays short
+        ids += stream.finish().tolist()
+        assert ids == whole
 
 
 def test_stream_of_blocks_encodes_to_the_whole(tmp_path, bpe, monkeypatch):
