@@ -263,6 +263,7 @@ def prepare_command(args):
     cache_dir = args.cache_dir or os.path.join(args.out, "cache")
     tokens = open_tokens(os.path.abspath(args.data), kind, args.vocab_size,
                          tokenizer=tokenizer, cache_dir=cache_dir, rebuild=args.rebuild,
+                         exclude=[args.out],
                          progress=False if args.no_progress else None,
                          log=lambda message: print(message, file=sys.stderr))
     state = "built" if tokens.built else "up to date, reused"

@@ -58,22 +58,29 @@ def _source(path: str) -> Source:
     return Source(os.path.abspath(path), st.st_size, st.st_mtime_ns)
 
 
-def list_sources(data) -> list[Source]:
+def list_sources(data, exclude=()) -> list[Source]:
     """The files --data names, in corpus order. A file is itself; a directory
     gives every file below it that is not hidden (nor inside a hidden
     directory), sorted by path; anything else with *, ? or [ is a glob (** for
-    any depth), its files sorted."""
+    any depth), its files sorted. Files inside an `exclude` folder (the run's
+    own folder and the token cache) are never part of a directory or glob."""
     name = os.fspath(data)
+    skip = [os.path.join(os.path.realpath(e), "") for e in exclude]
+
+    def wanted(path):
+        real = os.path.realpath(path)
+        return os.path.isfile(real) and not any(real.startswith(s) for s in skip)
+
     if os.path.isdir(name):
         paths = []
         for root, dirs, files in os.walk(name, followlinks=False):
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
             paths += [os.path.join(root, f) for f in files if not f.startswith(".")]
-        paths = sorted(p for p in paths if os.path.isfile(p))
+        paths = sorted(p for p in paths if wanted(p))
         if not paths:
             raise DataError(f"--data directory {name} holds no files")
     elif not os.path.exists(name) and glob.has_magic(name):
-        paths = sorted(p for p in glob.glob(name, recursive=True) if os.path.isfile(p))
+        paths = sorted(p for p in glob.glob(name, recursive=True) if wanted(p))
         if not paths:
             raise DataError(f"--data {name} matches no files")
     else:

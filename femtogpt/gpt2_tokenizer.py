@@ -358,13 +358,20 @@ class GPT2Tokenizer(BPETokenizer):
                 yield piece, None
 
     def cut_outside_specials(self, data, cut):
-        """cut moved back to the start of a special token that spans it."""
-        for text in self._specials:
-            token = text.encode("utf-8")
-            start = data.find(token, max(0, cut - len(token) + 1), cut + len(token) - 1)
-            if 0 <= start < cut:
-                return start or None
-        return cut
+        """cut moved back to the start of a special token that spans it (every
+        occurrence near the cut is looked at, as tokens may overlap)."""
+        moved = True
+        while moved and cut:
+            moved = False
+            for text in self._specials:
+                token = text.encode("utf-8")
+                start = data.find(token, max(0, cut - len(token) + 1), cut + len(token) - 1)
+                while 0 <= start:
+                    if start < cut < start + len(token):
+                        cut, moved = start, True
+                        break
+                    start = data.find(token, start + 1, cut + len(token) - 1)
+        return cut or None
 
     def decode_bytes(self, ids) -> bytes:
         vocab = self._ext_vocab

@@ -374,8 +374,8 @@ class GPT:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         if top_k is not None and (isinstance(top_k, bool) or int(top_k) != top_k or top_k < 1):
             raise ValueError(f"top_k must be an integer >= 1, got {top_k!r}")
-        if top_p is not None and not 0.0 < float(top_p) <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        if top_p is not None and not 0.0 < np.float32(top_p) <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1] (as a float32), got {top_p}")
         if seed is None:
             seed = int(np.random.SeedSequence().entropy % 2**64)
         keep = max(1, cfg.block_size // 2)

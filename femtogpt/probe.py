@@ -48,13 +48,24 @@ def analyze(model, tokenizer, text, top=10):
     ids = encode_for_probe(model, tokenizer, text)
     model.eval()
     logits, _ = model.forward(np.array([ids], dtype=np.int64))
-    logits = logits[0].astype(np.float64)
-    logits -= logits.max(axis=1, keepdims=True)
-    log_probs = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
-    probs = np.exp(log_probs)
+    logits = logits[0]                                  # (T, V) float32
+    # log p = logit - max - log(sum(exp(logit - max))), row by row: at GPT-2's
+    # size (T = 1024, V = 50,257) a float64 copy of the logits alone is 400 MB.
+    peak = logits.max(axis=1, keepdims=True)
+    log_norm = np.array([np.log(np.exp(row - m, dtype=np.float64).sum())
+                         for row, m in zip(logits, peak[:, 0])])[:, None] + peak
+
+    def probs(t, j):
+        return np.exp(logits[t, j].astype(np.float64) - log_norm[t])
+
     top = max(1, min(int(top), model.config.vocab_size))
-    best = np.argsort(-probs, axis=1, kind="stable")[:, :top]
-    losses = [None] + [float(-log_probs[t - 1, ids[t]]) for t in range(1, len(ids))]
+    if top < model.config.vocab_size:
+        candidates = np.argpartition(-logits, top - 1, axis=1)[:, :top]
+    else:
+        candidates = np.broadcast_to(np.arange(top), (len(ids), top))
+    best = [c[np.argsort(-logits[t, c], kind="stable")] for t, c in enumerate(candidates)]
+    losses = [None] + [float(log_norm[t - 1, 0] - logits[t - 1, ids[t]])
+                       for t in range(1, len(ids))]
     pieces = token_pieces(tokenizer, ids)
     vocab_pieces = {}
 
@@ -67,7 +78,7 @@ def analyze(model, tokenizer, text, top=10):
     for t, (i, text_piece) in enumerate(zip(ids, pieces)):
         tokens.append({"id": int(i), "text": text_piece, "loss": losses[t],
                        "next": [{"id": int(j), "text": piece(int(j)),
-                                 "p": float(probs[t, j])} for j in best[t]]})
+                                 "p": float(p)} for j, p in zip(best[t], probs(t, best[t]))]})
     scored = [x for x in losses if x is not None]
     mean = sum(scored) / len(scored) if scored else None
     chars_after_first = len(text) - len(tokenizer.decode(ids[:1]))

@@ -49,7 +49,8 @@ def _check_sample_args(args):
         raise ConfigError(f"--temperature must be >= 0, got {args.temperature}")
     if args.top_k is not None and args.top_k < 1:
         raise ConfigError(f"--top-k must be >= 1, got {args.top_k}")
-    if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
+    # (in float32, as the core samples: 1e-300 would be 0 there)
+    if args.top_p is not None and not 0.0 < np.float32(args.top_p) <= 1.0:
         raise ConfigError(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.threads < 0:
         raise ConfigError(f"--threads must be >= 0, got {args.threads}")

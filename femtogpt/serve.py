@@ -53,6 +53,10 @@ class BadRequest(Exception):
     """Input the page should not have sent: its message goes back as a 400."""
 
 
+class Busy(Exception):
+    """Every model of a run is in use: a 503, try again."""
+
+
 # ----------------------------------------------------------------------------- runs
 
 class Source:
@@ -148,7 +152,7 @@ class Source:
             while not self._idle and self._in_use >= MODELS_PER_RUN:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise BadRequest("every model of this run is busy; try again")
+                    raise Busy("every model of this run is busy; try again")
                 self._freed.wait(left)
             if self._idle:
                 entry = self._idle.pop()
@@ -250,6 +254,9 @@ def sample_options(body, vocab_size):
         "max_new_tokens": _number(body, "max_new_tokens", int, 200, 1, MAX_NEW_TOKENS),
         "seed": _number(body, "seed", int, None, 0, 2**63 - 1),
     }
+    if options["top_p"] is not None and np.float32(options["top_p"]) == 0.0:
+        raise BadRequest(f"top_p must be at least {np.finfo(np.float32).tiny:.3g}, "
+                         f"got {options['top_p']}")
     if options["seed"] is None:
         options["seed"] = int(np.random.SeedSequence().entropy % 2**63)
     return options
@@ -259,6 +266,10 @@ def sample_options(body, vocab_size):
 
 class _ClientGone(Exception):
     pass
+
+
+class Forbidden(Exception):
+    """A request from somewhere this server does not serve: a 403."""
 
 
 class _EventStream:
@@ -304,9 +315,16 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def send_error_json(self, status, message):
+        # (closing: a request refused early may leave its body unread, which
+        # must not be taken for the next request)
+        self.close_connection = True
+        if self.events_started:
+            self.send_event("error", {"error": message})
+            return
         self.send_json({"error": message}, status)
 
     def start_events(self):
+        self.events_started = True
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream; charset=utf-8")
         self.send_header("Cache-Control", "no-store")
@@ -332,7 +350,9 @@ class Handler(BaseHTTPRequestHandler):
 
     def _route(self, method):
         path = self.path.split("?", 1)[0]
+        self.events_started = False
         try:
+            self._check_origin(method)
             if method == "GET" and path in STATIC:
                 return self._static(*STATIC[path])
             parts = path.strip("/").split("/")
@@ -355,8 +375,11 @@ class Handler(BaseHTTPRequestHandler):
                     return self._attention(source, self._body())
             self.send_error_json(404, f"no such address: {method} {path}")
         except BadRequest as err:
-            self.close_connection = True     # (a body may be left unread)
             self.send_error_json(400, str(err))
+        except Forbidden as err:
+            self.send_error_json(403, str(err))
+        except Busy as err:
+            self.send_error_json(503, str(err))
         except FemtoGPTError as err:
             # A prompt the tokenizer cannot encode, a checkpoint being damaged...
             self.send_error_json(422, str(err))
@@ -368,13 +391,29 @@ class Handler(BaseHTTPRequestHandler):
             print(f"femtogpt serve: {type(err).__name__}: {err}", file=sys.stderr)
             try:
                 self.send_error_json(500, f"internal error: {type(err).__name__}: {err}")
-            except OSError:
+            except (OSError, _ClientGone):
                 pass
 
+    def _check_origin(self, method):
+        """Only pages of this server may use it: a Host that is not the address
+        it serves (DNS rebinding) and a POST that is not JSON (a plain form or
+        text/plain request from another site, which needs no CORS preflight)
+        are refused."""
+        host = (self.headers.get("Host") or "").lower()
+        if self.server.loopback and host.rsplit(":", 1)[0] not in (
+                "127.0.0.1", "localhost", "[::1]"):
+            raise Forbidden(f"this server answers to 127.0.0.1 and localhost only, not "
+                            f"{host[:80]!r}")
+        if method == "POST" and not (self.headers.get("Content-Type") or "").startswith(
+                "application/json"):
+            raise BadRequest("requests must be sent as application/json")
+
     def _source(self, text):
+        if not (text.isascii() and text.isdigit()):
+            raise BadRequest(f"no run {text[:40]!r}")
         try:
             return self.server.sources[int(text)]
-        except (ValueError, IndexError):
+        except IndexError:
             raise BadRequest(f"no run {text!r}") from None
 
     def _body(self):
@@ -501,8 +540,9 @@ class Server(ThreadingHTTPServer):
         super().__init__(address, Handler)
         self.sources = sources
         self.verbose = verbose
+        self.loopback = address[0] in ("127.0.0.1", "localhost", "::1")
         self.stopping = threading.Event()
-        self._samples = {}
+        self._samples = {}          # run index -> (checkpoint key, its sample)
         self._sample_lock = threading.Lock()
 
     def eval_sample(self, source):
@@ -510,8 +550,8 @@ class Server(ThreadingHTTPServer):
         from .sample import stream_sample
         key = source._key()
         with self._sample_lock:
-            if key in self._samples:
-                return self._samples[key]
+            if self._samples.get(source.index, (None,))[0] == key:
+                return self._samples[source.index][1]
         try:
             with source.use() as (model, tokenizer):
                 sink = _Collect()
@@ -521,7 +561,7 @@ class Server(ThreadingHTTPServer):
         except (FemtoGPTError, BadRequest) as err:
             text = f"(no sample: {err})"
         with self._sample_lock:
-            self._samples[key] = text
+            self._samples[source.index] = (key, text)      # the newest only
         return text
 
     def shutdown(self):

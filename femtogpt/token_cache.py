@@ -66,13 +66,20 @@ class TokenFile:
     def __init__(self, path, n_tokens, dtype, vocab_size):
         self.path, self.n_tokens = path, int(n_tokens)
         self.dtype, self.vocab_size = np.dtype(dtype), int(vocab_size)
+        # Held open: another run that rebuilds a shared cache replaces this
+        # file, but the one this run opened stays readable until it ends.
+        try:
+            self._file = open(path, "rb")
+        except OSError as err:
+            raise DataError(f"cannot open the token file {path}: "
+                            f"{err.strerror or err}") from None
 
     def __len__(self):
         return self.n_tokens
 
     def windows(self, starts, width):
         """(len(starts), width) int64: the ids from each start on."""
-        ids = np.memmap(self.path, dtype=self.dtype, mode="r", shape=(self.n_tokens,))
+        ids = np.memmap(self._file, dtype=self.dtype, mode="r", shape=(self.n_tokens,))
         try:
             out = ids[np.asarray(starts)[:, None] + np.arange(width)[None, :]].astype(np.int64)
         finally:
@@ -85,7 +92,8 @@ class TokenFile:
 
     def read(self):
         """Every id, in memory (for tests and small corpora)."""
-        return np.fromfile(self.path, dtype=self.dtype, count=self.n_tokens)
+        self._file.seek(0)
+        return np.fromfile(self._file, dtype=self.dtype, count=self.n_tokens)
 
 
 class TokenData:
@@ -132,16 +140,42 @@ def _tokenizer_digest(tokenizer):
     return xxhash.xxh3_128_hexdigest(json.dumps(tokenizer.to_dict(), sort_keys=True).encode())
 
 
-def entry_folder(root, sources, spec):
-    key = xxhash.xxh3_64_hexdigest(json.dumps([[s.path for s in sources], spec],
+def entry_folder(root, data, spec):
+    """An entry per --data (as given, made absolute) and way of choosing the
+    tokenizer: a changed list of files rebuilds the same entry, so old ones do
+    not pile up."""
+    key = xxhash.xxh3_64_hexdigest(json.dumps([os.path.abspath(os.fspath(data)), spec],
                                               sort_keys=True).encode())
     return os.path.join(root, f"{spec.get('fit', 'given')}-{key}")
+
+
+class _EntryLock:
+    """An exclusive flock on an entry while it is checked and built, so that
+    two runs starting at once on a shared --cache-dir build it once."""
+
+    def __init__(self, folder):
+        self.path = os.path.join(folder, ".lock")
+        self.file = None
+
+    def __enter__(self):
+        import fcntl
+        try:
+            self.file = open(self.path, "a")
+            fcntl.flock(self.file, fcntl.LOCK_EX)
+        except OSError:
+            self.file = None        # a file system without locks: go on without
+        return self
+
+    def __exit__(self, *exc):
+        if self.file is not None:
+            self.file.close()       # (closing releases the lock)
+        return False
 
 
 # ----------------------------------------------------------------------------- the way in
 
 def open_tokens(data, kind, vocab_size=None, tokenizer=None, cache_dir=None, log=print,
-                progress=None, rebuild=False, prefer_fit=None):
+                progress=None, rebuild=False, prefer_fit=None, exclude=()):
     """The TokenData for --data with this tokenizer: reused from the cache when
     it is still right, else built (and logged).
 
@@ -149,28 +183,41 @@ def open_tokens(data, kind, vocab_size=None, tokenizer=None, cache_dir=None, log
     None. tokenizer: a given one (a resumed run's, a GPT-2 model's). A resumed
     run passes both its tokenizer and prefer_fit=(kind, vocab_size): the entry
     its first start fitted is then reused if its tokenizer is the same.
+    exclude: folders whose files are never part of the corpus (the run's --out).
     """
-    sources = corpus.list_sources(data)
     root = os.path.abspath(cache_dir)
-    if tokenizer is not None and prefer_fit is not None:
-        folder = entry_folder(root, sources, _spec(*prefer_fit, None))
+    # A --data directory that holds the run or the cache must not read them as text.
+    sources = corpus.list_sources(data, exclude=[root] + list(exclude))
+    if tokenizer is not None and prefer_fit is not None and not rebuild:
+        folder = entry_folder(root, data, _spec(*prefer_fit, None))
         found, _ = _usable(folder, sources, None)
         if found is not None and _tokenizer_digest(found.tokenizer) == \
-                _tokenizer_digest(tokenizer) and not rebuild:
+                _tokenizer_digest(tokenizer):
             return found
     spec = _spec(kind, vocab_size, tokenizer)
-    folder = entry_folder(root, sources, spec)
-    if not rebuild:
-        found, why = _usable(folder, sources, tokenizer)
-        if found is not None:
-            return found
-    else:
-        why = "asked to rebuild"
-    if why:
-        log(f"data: rebuilding the token cache in {folder}: {why}")
-    else:
-        log(f"data: tokenizing {corpus.describe(data, sources)} into {folder}")
-    built = build(folder, sources, spec, kind, vocab_size, tokenizer, log, progress)
+    folder = entry_folder(root, data, spec)
+    made = not os.path.exists(folder)
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as err:
+        raise DataError(f"cannot create the token cache folder {folder}: "
+                        f"{err.strerror or err}") from None
+    try:
+        with _EntryLock(folder):
+            why = "asked to rebuild"
+            if not rebuild:
+                found, why = _usable(folder, sources, tokenizer)
+                if found is not None:
+                    return found
+            if why:
+                log(f"data: rebuilding the token cache in {folder}: {why}")
+            else:
+                log(f"data: tokenizing {corpus.describe(data, sources)} into {folder}")
+            built = build(folder, sources, spec, kind, vocab_size, tokenizer, log, progress)
+    except BaseException:
+        if made:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
     built.built = True
     return built
 
@@ -207,7 +254,10 @@ def _usable(folder, sources, tokenizer):
             return None, problem
         refreshed |= read_again
     if refreshed:
-        _write_manifest(folder, manifest)
+        try:
+            _write_manifest(folder, manifest)
+        except OSError:
+            pass            # a read-only cache: checked again next time, still right
     return TokenData(folder, manifest), None
 
 
@@ -357,17 +407,7 @@ class _Bar:
 
 def build(folder, sources, spec, kind, vocab_size, tokenizer, log=print, progress=None):
     """Tokenize the corpus into folder and return its TokenData. A build that
-    fails leaves no entry (and no folder, if it made it)."""
-    made = not os.path.exists(folder)
-    try:
-        return _build(folder, sources, spec, kind, vocab_size, tokenizer, log, progress)
-    except BaseException:
-        if made:
-            shutil.rmtree(folder, ignore_errors=True)
-        raise
-
-
-def _build(folder, sources, spec, kind, vocab_size, tokenizer, log, progress):
+    fails leaves no entry."""
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as err:

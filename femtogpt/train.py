@@ -228,7 +228,7 @@ class Run:
         def open_here(log):
             return open_tokens(cfg.data, cfg.tokenizer, cfg.vocab_size, tokenizer=tokenizer,
                                cache_dir=self.cache_root, log=log, progress=progress,
-                               prefer_fit=fit if prefer_fit else None)
+                               prefer_fit=fit if prefer_fit else None, exclude=[cfg.out])
         if not comm.distributed:
             return open_here(log)
         tokens = status = None

@@ -29,6 +29,11 @@ def quiet(message):
     pass
 
 
+def visible(folder):
+    """An entry's files but its lock."""
+    return sorted(n for n in os.listdir(folder) if n != ".lock")
+
+
 def write_corpus(folder, parts=PARTS):
     folder.mkdir(parents=True, exist_ok=True)
     for i, text in enumerate(parts):
@@ -244,7 +249,7 @@ def test_a_damaged_cache_is_rebuilt_not_trusted(tmp_path, damage):
     assert why in messages[0], messages
     assert rebuilt.train.read().tolist() == good_ids
     # Only the new entry's files remain.
-    assert sorted(os.listdir(rebuilt.folder)) == sorted(
+    assert visible(rebuilt.folder) == sorted(
         [MANIFEST, rebuilt.manifest["splits"]["train"]["file"],
          rebuilt.manifest["splits"]["val"]["file"]])
 
@@ -314,7 +319,7 @@ def test_a_killed_preparation_leaves_nothing_a_later_run_uses(tmp_path):
     tokens = open_tokens(str(root), "char", cache_dir=str(cache), log=messages.append,
                          progress=False)
     assert tokens.built and "tokenizing" in messages[0]
-    assert sorted(os.listdir(tokens.folder)) == sorted(
+    assert visible(tokens.folder) == sorted(
         [MANIFEST, tokens.manifest["splits"]["train"]["file"],
          tokens.manifest["splits"]["val"]["file"]])
 
@@ -394,3 +399,43 @@ def test_verify_checks_the_cache(tmp_path, capsys):
     os.truncate(train_file, 10)
     assert main(["verify", tokens.folder]) == 1
     assert capsys.readouterr().out.startswith("DAMAGED")
+
+
+def test_a_run_keeps_reading_its_tokens_while_another_rebuilds_the_entry(tmp_path):
+    write_corpus(tmp_path / "c")
+    first = prepare(tmp_path / "c", tmp_path / "cache")
+    want = first.train.read()[:9].tolist()
+    again = open_tokens(str(tmp_path / "c"), "char", cache_dir=str(tmp_path / "cache"),
+                        log=quiet, progress=False, rebuild=True)
+    assert again.built and not os.path.exists(first.train.path)     # replaced on disk...
+    assert first.train.windows(np.array([0]), 9).tolist() == [want]  # ...still readable
+
+
+def test_two_starts_at_once_build_the_entry_once(tmp_path):
+    import threading
+    write_corpus(tmp_path / "c")
+    results = []
+
+    def start():
+        results.append(prepare(tmp_path / "c", tmp_path / "cache"))
+
+    threads = [threading.Thread(target=start) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(r.built for r in results) == [False, False, True]
+    assert len({r.manifest["splits"]["train"]["file"] for r in results}) == 1
+
+
+def test_a_data_directory_that_holds_the_run_is_not_read_as_text(tmp_path, capsys):
+    root = tmp_path / "project"
+    write_corpus(root)
+    tiny = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "8",
+            "--batch-size", "4", "--eval-interval", "2", "--eval-iters", "2",
+            "--sample-tokens", "0", "--threads", "1", "--no-progress"]
+    out = root / "run"          # inside --data: its checkpoints and cache are not corpus
+    assert main(["train", "--data", str(root), "--out", str(out), "--max-iters", "2", *tiny]) == 0
+    assert main(["train", "--data", str(root), "--out", str(out), "--max-iters", "4", *tiny]) == 0
+    err = capsys.readouterr().err
+    assert err.count("tokenizing") == 1 and "3 files" in err

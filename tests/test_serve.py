@@ -127,6 +127,7 @@ def test_a_sample_streams_the_text_femtogpt_sample_prints(server, run_dir):
     ({"prompt": 7}, 400, "prompt must be text"),
     ({"prompt": "x" * 20001}, 400, "the prompt is 20,001 characters"),
     ({"prompt": "Zebra 😀"}, 422, "prompt has characters the tokenizer does not know: 'Z'"),
+    ({"prompt": "x", "top_p": 1e-300}, 400, "top_p must be at least"),
 ])
 def test_bad_sampling_input_is_a_4xx_with_its_message(server, body, status, message):
     got, payload = request(server, "POST", "/api/runs/0/sample", body)
@@ -140,6 +141,7 @@ def test_bad_sampling_input_is_a_4xx_with_its_message(server, body, status, mess
     ("POST", "/api/runs/0/sample", b"[1, 2]", 400, "must be a JSON object"),
     ("POST", "/api/runs/9/sample", b"{}", 400, "no run '9'"),
     ("POST", "/api/runs/x/analyze", b"{}", 400, "no run 'x'"),
+    ("POST", "/api/runs/-1/analyze", b"{}", 400, "no run '-1'"),
     ("GET", "/api/nothing", None, 404, "no such address"),
     ("GET", "/etc/passwd", None, 404, "no such page"),
     ("POST", "/api/runs/0/analyze", b'{"text": ""}', 422, "the text is empty"),
@@ -157,6 +159,7 @@ def test_bad_requests_are_refused_by_name(server, method, path, raw, status, mes
 def test_an_oversized_body_is_refused_without_reading_it(server):
     conn = http.client.HTTPConnection(*server.server_address[:2], timeout=10)
     conn.putrequest("POST", "/api/runs/0/analyze")
+    conn.putheader("Content-Type", "application/json")
     conn.putheader("Content-Length", str(50 << 20))
     conn.endheaders()
     response = conn.getresponse()
@@ -252,7 +255,8 @@ def test_several_streams_at_once_and_a_client_that_leaves(server):
     # A client that asks for a long sample and goes away after the first bytes.
     body = json.dumps({"prompt": "To", "max_new_tokens": 2000, "seed": 5}).encode()
     sock = socket.create_connection(server.server_address[:2], timeout=30)
-    sock.sendall(b"POST /api/runs/0/sample HTTP/1.1\r\nHost: x\r\nContent-Length: "
+    sock.sendall(b"POST /api/runs/0/sample HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                 b"Content-Type: application/json\r\nContent-Length: "
                  + str(len(body)).encode() + b"\r\n\r\n" + body)
     assert b"event: prompt" in sock.recv(4096) + sock.recv(4096)
     sock.close()
@@ -307,3 +311,53 @@ def test_serve_refuses_what_it_cannot_serve_and_warns_when_exposed(tmp_path, run
         proc.terminate()
         proc.wait(10)
     assert "warning: serving on 0.0.0.0" in first and "serving 1 run(s) on http://" in second
+
+
+def test_only_this_servers_pages_may_use_it(server):
+    # DNS rebinding: another name pointed at 127.0.0.1 is refused.
+    conn = http.client.HTTPConnection(*server.server_address[:2], timeout=10)
+    conn.request("GET", "/api/runs", headers={"Host": "evil.example:8000"})
+    response = conn.getresponse()
+    assert response.status == 403 and b"127.0.0.1 and localhost only" in response.read()
+    conn.close()
+    # A cross-site form or text/plain POST (no CORS preflight) is refused.
+    conn = http.client.HTTPConnection(*server.server_address[:2], timeout=10)
+    conn.request("POST", "/api/runs/0/sample", body='{"prompt": "To"}',
+                 headers={"Content-Type": "text/plain"})
+    response = conn.getresponse()
+    assert response.status == 400 and b"application/json" in response.read()
+    conn.close()
+    # A body left unread by a refusal is not taken for a second request.
+    smuggled = b"GET /api/runs/0/metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    sock = socket.create_connection(server.server_address[:2], timeout=10)
+    sock.sendall(b"POST /api/nothing HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+                 b"application/json\r\nContent-Length: " + str(len(smuggled)).encode()
+                 + b"\r\n\r\n" + smuggled)
+    reply = b""
+    while True:
+        data = sock.recv(65536)
+        if not data:
+            break
+        reply += data
+    sock.close()
+    assert reply.count(b"HTTP/1.1 ") == 1 and b" 404 " in reply
+
+
+def test_an_error_after_the_stream_began_is_an_error_event(server, monkeypatch):
+    from femtogpt import serve
+    real = serve._EventStream.write
+
+    def break_after_prompt(self, text):
+        if self.wrote_prompt:
+            raise RuntimeError("a bug in the middle of a sample")
+        real(self, text)
+
+    monkeypatch.setattr(serve._EventStream, "write", break_after_prompt)
+    status, payload = request(server, "POST", "/api/runs/0/sample", {"prompt": "To"})
+    assert status == 200
+    got = events(payload)
+    assert [n for n, _ in got] == ["prompt", "error"]
+    assert "internal error: RuntimeError: a bug in the middle" in got[1][1]["error"]
+    assert b"HTTP/1.1 500" not in payload
+    monkeypatch.undo()
+    assert request(server, "GET", "/api/runs")[0] == 200
