@@ -361,3 +361,30 @@ def test_an_error_after_the_stream_began_is_an_error_event(server, monkeypatch):
     assert b"HTTP/1.1 500" not in payload
     monkeypatch.undo()
     assert request(server, "GET", "/api/runs")[0] == 200
+
+
+def test_a_hugging_face_folder_is_served(tmp_path):
+    from test_hf import make_folder
+    folder = tmp_path / "gpt2"
+    folder.mkdir()
+    make_folder(folder)
+    srv = make_server([str(folder)], port=0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        [info] = json.loads(request(srv, "GET", "/api/runs")[1])
+        assert info["tokenizer"] == "gpt2" and "evaluations" not in info
+        got = events(request(srv, "POST", "/api/runs/0/sample",
+                             {"prompt": "Before we", "max_new_tokens": 12, "seed": 4})[1])
+        assert got[-1][0] == "done"
+        model, tokenizer = load(str(folder))
+        from femtogpt.sample import stream_sample
+        import io
+        sink = io.StringIO()
+        stream_sample(model, tokenizer, "Before we", 12, 0.8, 200, None, 4, out=sink)
+        assert sink.getvalue() == "Before we" + got[-1][1]["text"] + "\n"
+        analysis = json.loads(request(srv, "POST", "/api/runs/0/analyze",
+                                      {"text": "Before we proceed"})[1])
+        assert "".join(t["text"] for t in analysis["tokens"]) == "Before we proceed"
+    finally:
+        srv.shutdown()
+        srv.server_close()
