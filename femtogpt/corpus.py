@@ -134,16 +134,14 @@ def read_blocks(sources, block_bytes: int | None = None, digests=None, progress=
         yield from read(index, src, block_bytes, digests, progress)
 
 
-def _read_file(index, src, block_bytes, digests, progress):
-    hasher = xxhash.xxh3_128()
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    offset = 0          # bytes of the file read so far
-    start = 0           # file offset of the first byte not yet handed out
-    pending = b""       # bytes of a character cut by the block edge
+def _reads(src, block_bytes, hasher, progress):
+    """(file offset, bytes) of each read of a file, the byte order mark taken
+    off the first; the last read is empty. Every byte read goes to hasher."""
     try:
         f = open(src.path, "rb")
     except OSError as err:
         raise DataError(f"cannot read data file {src.path}: {err.strerror or err}") from None
+    offset = 0
     with f:
         while True:
             try:
@@ -153,36 +151,47 @@ def _read_file(index, src, block_bytes, digests, progress):
                 raise DataError(f"cannot read data file {src.path}: "
                                 f"{err.strerror or err}") from None
             hasher.update(raw)
-            final = len(raw) == 0
             if offset == 0 and raw:
                 if raw.startswith(_UTF16_BOMS):
-                    raise DataError(f"data file is UTF-16 text; convert it to UTF-8 first: {src.path}")
+                    raise DataError(f"data file is UTF-16 text; convert it to UTF-8 first: "
+                                    f"{src.path}")
                 if raw.startswith(_UTF8_BOM):
-                    raw, start = raw[len(_UTF8_BOM):], len(_UTF8_BOM)
-                    offset = start
-            nul = raw.find(b"\x00")
-            if nul >= 0:
-                raise DataError(f"data file looks binary (NUL byte at byte offset "
-                                f"{offset + nul}), not UTF-8 text: {src.path}")
-            try:
-                text = decoder.decode(raw, final)
-            except UnicodeDecodeError as err:
-                bad = offset - len(pending) + err.start
-                value = (pending + raw)[err.start]
-                raise DataError(f"data file is not UTF-8 text: invalid byte 0x{value:02x} at "
-                                f"byte offset {bad}: {src.path}") from None
+                    raw, offset = raw[len(_UTF8_BOM):], len(_UTF8_BOM)
+            yield offset, raw
+            if not raw:
+                return
             offset += len(raw)
-            whole = pending + raw
-            pending = decoder.getstate()[0]
-            data = whole[:len(whole) - len(pending)] if pending else whole
-            if data:
-                yield Block(index, start, data, text, len(text))
-                start += len(data)
-            if progress is not None and raw:
+            if progress is not None:
                 progress(len(raw))
-            if final:
-                break
-    _check_unchanged(src, offset, digests, hasher)
+
+
+def _read_file(index, src, block_bytes, digests, progress):
+    hasher = xxhash.xxh3_128()
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    start = None        # file offset of the first byte not yet handed out
+    pending = b""       # bytes of a character cut by the block edge
+    end = 0
+    for offset, raw in _reads(src, block_bytes, hasher, progress):
+        start = offset if start is None else start
+        nul = raw.find(b"\x00")
+        if nul >= 0:
+            raise DataError(f"data file looks binary (NUL byte at byte offset "
+                            f"{offset + nul}), not UTF-8 text: {src.path}")
+        try:
+            text = decoder.decode(raw, not raw)
+        except UnicodeDecodeError as err:
+            bad = offset - len(pending) + err.start
+            value = (pending + raw)[err.start]
+            raise DataError(f"data file is not UTF-8 text: invalid byte 0x{value:02x} at "
+                            f"byte offset {bad}: {src.path}") from None
+        whole = pending + raw
+        pending = decoder.getstate()[0]
+        data = whole[:len(whole) - len(pending)] if pending else whole
+        if data:
+            yield Block(index, start, data, text, len(text))
+            start += len(data)
+        end = offset + len(raw)
+    _check_unchanged(src, end, digests, hasher)
 
 
 def _check_unchanged(src, offset, digests, hasher):
@@ -196,35 +205,19 @@ def _check_unchanged(src, offset, digests, hasher):
 def _read_file_bytes(index, src, block_bytes, digests, progress):
     from ._text import count_chars
     hasher = xxhash.xxh3_128()
-    offset = start = 0
+    start = None
     pending = b""
-    try:
-        f = open(src.path, "rb")
-    except OSError as err:
-        raise DataError(f"cannot read data file {src.path}: {err.strerror or err}") from None
-    with f:
-        while True:
-            try:
-                raw = f.read(block_bytes if offset else max(block_bytes, 4))
-            except OSError as err:
-                raise DataError(f"cannot read data file {src.path}: "
-                                f"{err.strerror or err}") from None
-            hasher.update(raw)
-            if offset == 0 and raw.startswith(_UTF8_BOM):
-                raw, start = raw[len(_UTF8_BOM):], len(_UTF8_BOM)
-                offset = start
-            offset += len(raw)
-            whole = pending + raw if pending else raw
-            cut = len(whole) if not raw else _whole_characters(whole)
-            data, pending = whole[:cut], whole[cut:]
-            if data:
-                yield Block(index, start, data, None, count_chars(data))
-                start += len(data)
-            if progress is not None and raw:
-                progress(len(raw))
-            if not raw:
-                break
-    _check_unchanged(src, offset, digests, hasher)
+    end = 0
+    for offset, raw in _reads(src, block_bytes, hasher, progress):
+        start = offset if start is None else start
+        whole = pending + raw if pending else raw
+        cut = len(whole) if not raw else _whole_characters(whole)
+        data, pending = whole[:cut], whole[cut:]
+        if data:
+            yield Block(index, start, data, None, count_chars(data))
+            start += len(data)
+        end = offset + len(raw)
+    _check_unchanged(src, end, digests, hasher)
 
 
 def _whole_characters(data: bytes) -> int:

@@ -406,13 +406,8 @@ class _Bar:
 
 
 def build(folder, sources, spec, kind, vocab_size, tokenizer, log=print, progress=None):
-    """Tokenize the corpus into folder and return its TokenData. A build that
-    fails leaves no entry."""
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as err:
-        raise DataError(f"cannot create the token cache folder {folder}: "
-                        f"{err.strerror or err}") from None
+    """Tokenize the corpus into folder (made by open_tokens) and return its
+    TokenData. A build that fails leaves no entry."""
     # What was here is being replaced: a build that fails leaves no entry.
     try:
         os.remove(os.path.join(folder, MANIFEST))
