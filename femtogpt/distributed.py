@@ -20,7 +20,9 @@ so a run never hangs forever. (Rank 0's own work between collectives, such as
 writing a checkpoint, counts towards the other ranks' wait.)
 """
 import os
+import pickle
 import signal
+import sys
 import time
 
 import numpy as np
@@ -135,20 +137,51 @@ class MPIComm:
         self._wait(request, what)
         return array
 
-    def _bounded_barrier(self, what):
-        self._wait(self.comm.Ibarrier(), what)
+    def _exchange(self, obj, what, root):
+        # Python objects between ranks with bounded waits only. mpi4py's own
+        # gather/allgather block in MPI until every rank arrives, so a rank
+        # stopped between a barrier and the gather would hang the others
+        # forever. Here each rank's pickle goes through nonblocking byte
+        # collectives: first every size, then the bytes themselves. (Pickle
+        # is what mpi4py uses too; it only ever carries our own ranks' data.)
+        MPI = self.MPI
+        payload = np.frombuffer(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL),
+                                dtype=np.uint8)
+        sizes = np.zeros(self.size, dtype=np.int64)
+        self._wait(self.comm.Iallgather(np.array([payload.size], dtype=np.int64), sizes),
+                   what)
+        offsets = np.concatenate(([0], np.cumsum(sizes)[:-1]))
+        receives = root is None or self.rank == root
+        received = np.empty(int(sizes.sum()) if receives else 0, dtype=np.uint8)
+        layout = [received, (sizes, offsets), MPI.BYTE]
+        if root is None:
+            request = self.comm.Iallgatherv(payload, layout)
+        else:
+            request = self.comm.Igatherv(payload, layout if receives else None, root=root)
+        self._wait(request, what)
+        if not receives:
+            return None
+        return [pickle.loads(received[o:o + n].tobytes()) for o, n in zip(offsets, sizes)]
 
     def gather(self, obj):
         """Rank 0 gets [obj of rank 0, obj of rank 1, ...]; the others get None."""
-        self._bounded_barrier("the checkpoint's random states")
-        return self.comm.gather(obj, root=0)
+        return self._exchange(obj, "the checkpoint's random states", root=0)
 
     def allgather(self, obj):
-        self._bounded_barrier("the start-up check")
-        return self.comm.allgather(obj)
+        """Every rank gets [obj of rank 0, obj of rank 1, ...]."""
+        return self._exchange(obj, "the start-up check", root=None)
+
+    # MPI_Abort has the process manager kill every rank at once, and it may
+    # do so before it has passed on what this rank just wrote to stderr: the
+    # reason would be lost (seen with MPICH's hydra, about 1 run in 30). A
+    # pause first lets the launcher forward that message; the job is
+    # stopping anyway.
+    ABORT_GRACE = 0.5
 
     def abort(self, code):
         """Stop every rank (after this one printed why)."""
+        sys.stderr.flush()
+        time.sleep(self.ABORT_GRACE)
         self.comm.Abort(code)
 
 
