@@ -173,9 +173,9 @@ class MPIComm:
 
     # MPI_Abort has the process manager kill every rank at once, and it may
     # do so before it has passed on what this rank just wrote to stderr: the
-    # reason would be lost (seen with MPICH's hydra, about 1 run in 30). A
-    # pause first lets the launcher forward that message; the job is
-    # stopping anyway.
+    # reason would be lost (MPICH's hydra lost it in 2 of 14 runs of the
+    # stuck-rank test here, and once in CI). A pause first lets the launcher
+    # forward the message; the job is stopping anyway.
     ABORT_GRACE = 0.5
 
     def abort(self, code):
