@@ -1,4 +1,4 @@
-"""Build the compiled core, femtogpt/_core.pyx, with OpenMP (and femtogpt/_text.pyx,
+"""Build the compiled core, femtogpt/_core.pyx, with OpenMP (and femtogpt/text/_native.pyx,
 the BPE encoder for long texts, and femtogpt/_cpu.pyx, the CPU check).
 
 Everything else is declared in pyproject.toml.
@@ -68,7 +68,7 @@ extensions = [
 # Byte-level BPE encoding of long texts (tokenizer.py and token_cache.py call it):
 # scalar code, one baseline build, with ASan when the core has it.
 extensions.append(Extension(
-    "femtogpt._text", ["femtogpt/_text.pyx"],
+    "femtogpt.text._native", ["femtogpt/text/_native.pyx"],
     include_dirs=[numpy.get_include()],
     extra_compile_args=COMPILE_ARGS + (BUILDS[0][2] if BUILDS[0][0] == "asan" else []),
     extra_link_args=LINK_ARGS + EXTRA_LINK, define_macros=MACROS))

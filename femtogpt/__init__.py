@@ -7,16 +7,16 @@
 
     model, tokenizer = load("out")      # a run directory or checkpoint file
 """
-from ._dispatch import build_info, load_core
+__version__ = "0.1.0"
+
+from ._dispatch import build_info, load_core  # noqa: E402
 
 _core = load_core()     # the build for this CPU, before any module imports _core
 from ._core import get_num_threads, set_num_threads  # noqa: E402
 from .errors import CheckpointError, ConfigError, DataError, FemtoGPTError, TokenizerError
-from .checkpoint import load
+from .files import load
 from .model import GPT, GPTConfig
-from .tokenizer import BPETokenizer, ByteTokenizer, CharTokenizer
-
-__version__ = "0.1.0"
+from .text import BPETokenizer, ByteTokenizer, CharTokenizer
 
 __all__ = [
     "GPT", "GPTConfig", "load", "CharTokenizer", "ByteTokenizer", "BPETokenizer", "get_num_threads", "set_num_threads", "FemtoGPTError",

@@ -535,7 +535,7 @@ def worker_train_ranks(spec):
     AdamW) on Tiny Shakespeare; rank 0 reports."""
     from dataclasses import replace
     import femtogpt
-    from femtogpt.distributed import MPIComm
+    from femtogpt.train.distributed import MPIComm
     from femtogpt.train import PRESETS, Run
     comm = MPIComm(timeout=3600)
     cfg = replace(PRESETS[spec["preset"]], out=spec["out"], threads=1, sample_tokens=0)
@@ -872,7 +872,7 @@ def timed_process(cmd, cwd=None, env=None):
 
 def run_femtogpt_default(seed, out, threads):
     """`femtogpt train` with only --out (and --seed, unless it is the default)."""
-    cmd = [sys.executable, "-m", "femtogpt.cli", "train", "--out", out, "--no-progress"]
+    cmd = [sys.executable, "-m", "femtogpt.app.cli", "train", "--out", out, "--no-progress"]
     if seed != 1337:
         cmd += ["--seed", str(seed)]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))

@@ -43,13 +43,14 @@ def child(task, path):
     if task == "baseline":
         build()
     elif task == "save":
-        from femtogpt.checkpoint import model_meta, save_checkpoint
+        from femtogpt.files.checkpoint import model_meta, save_checkpoint
         model, optimizer = build()
         t0 = time.perf_counter()
         tensors = dict(model.state_views(), **optimizer.state_views())
         save_checkpoint(path, tensors, dict(model_meta(model, _tokenizer()), kind="train_state"))
     else:
-        from femtogpt.checkpoint import TensorFile, model_from_file
+        from femtogpt.files.checkpoint import model_from_file
+        from femtogpt.files import TensorFile
         from femtogpt.train import AdamW
         with TensorFile(path) as f:
             model, _ = model_from_file(f)
@@ -62,7 +63,7 @@ def child(task, path):
 def _tokenizer():
     # GPT-2's vocabulary size in a character vocabulary (the tokenizer is metadata
     # only; its form does not change the cost of the 1.5 GB of tensors).
-    from femtogpt.tokenizer import CharTokenizer
+    from femtogpt.text import CharTokenizer
     return CharTokenizer("".join(chr(c) for c in range(32, 32 + GPT2_124M["vocab_size"])))
 
 

@@ -91,7 +91,7 @@ def run(cmd, env=None):
 
 
 def train_cmd(data, out, tokenizer, iters):
-    return [sys.executable, "-m", "femtogpt.cli", "train", "--data", data, "--out", out,
+    return [sys.executable, "-m", "femtogpt.app.cli", "train", "--data", data, "--out", out,
             "--tokenizer", tokenizer, "--max-iters", str(iters), "--no-progress",
             "--sample-tokens", "0"]
 
@@ -113,7 +113,7 @@ def bench(args):
             prep = prep_rss = float("nan")
             if not args.no_prepare:
                 subprocess.run(["rm", "-rf", os.path.join(out, "cache")], check=True)
-                prep, prep_rss, _, _ = run([sys.executable, "-m", "femtogpt.cli", "prepare",
+                prep, prep_rss, _, _ = run([sys.executable, "-m", "femtogpt.app.cli", "prepare",
                                             "--data", corpus, "--out", out, "--tokenizer",
                                             tokenizer, "--no-progress"])
             cache_mb = sum(os.path.getsize(p) for p in glob.glob(
@@ -146,9 +146,9 @@ def sample_study(args):
     """Merges learned from samples of several sizes, compared on held-out text
     (bytes per token: higher is better compression) and by the time to learn."""
     sys.path.insert(0, os.path.join(HERE, ".."))
-    from femtogpt import corpus as corpus_module
-    from femtogpt import token_cache
-    from femtogpt.tokenizer import BPETokenizer
+    from femtogpt.text import corpus as corpus_module
+    from femtogpt.text import token_cache
+    from femtogpt.text import BPETokenizer
     corpus = os.path.join(args.work, "corpus-1G.txt")
     make_corpus(corpus, parse_size("1G"))
     held_out = open(corpus, "rb")

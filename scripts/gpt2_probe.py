@@ -67,7 +67,7 @@ def tokenizer_speed(vocab, threads=1, repeat=10):
     femtogpt on `threads` OpenMP threads against `tokenizers` on one."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from femtogpt import _core
-    from femtogpt.gpt2_tokenizer import GPT2Tokenizer, gpt2_pattern
+    from femtogpt.text.gpt2 import GPT2Tokenizer, gpt2_pattern
     text = open(TEXT, encoding="utf-8").read()
     folder = tempfile.mkdtemp()
     hf = Tokenizer(models.BPE())

@@ -44,7 +44,7 @@ def main(argv=None):
     import model as nanogpt_model     # nanoGPT's model.py
 
     from femtogpt.train import PRESETS, Run
-    from femtogpt.data import get_batch
+    from femtogpt.train.batches import get_batch
 
     cfg = PRESETS["baby"]
     with tempfile.TemporaryDirectory() as out:

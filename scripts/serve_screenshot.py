@@ -14,7 +14,7 @@ from selenium import webdriver
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
-from femtogpt.serve import make_server
+from femtogpt.app.serve import make_server
 
 
 def main():

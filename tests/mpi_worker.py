@@ -13,8 +13,8 @@ import sys
 
 import numpy as np
 
-from femtogpt.data import get_batch
-from femtogpt.distributed import MPIComm, fingerprint
+from femtogpt.train.batches import get_batch
+from femtogpt.train.distributed import MPIComm, fingerprint
 from femtogpt.train import Run, TrainConfig
 
 

@@ -1,4 +1,4 @@
-"""Tests of the byte-level BPE tokenizer (femtogpt.tokenizer.BPETokenizer)."""
+"""Tests of the byte-level BPE tokenizer (femtogpt.text.bpe.BPETokenizer)."""
 import json
 import os
 import subprocess
@@ -11,12 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import femtogpt
-import femtogpt.tokenizer as tokenizer_module
+import femtogpt.text.bpe as tokenizer_module
 from femtogpt.errors import TokenizerError
-from femtogpt.tokenizer import (
-    DEFAULT_BPE_VOCAB,
-    MAX_BPE_VOCAB,
-    MAX_TOKEN_BYTES,
+from femtogpt.text.bpe import DEFAULT_BPE_VOCAB, MAX_BPE_VOCAB, MAX_TOKEN_BYTES
+from femtogpt.text import (
     TOKENIZER_KINDS,
     BPETokenizer,
     ByteTokenizer,
@@ -206,7 +204,7 @@ def test_training_is_deterministic_across_processes():
     here = BPETokenizer.train(text, 350).to_dict()
     code = (
         "import json, sys\n"
-        "from femtogpt.tokenizer import BPETokenizer\n"
+        "from femtogpt.text import BPETokenizer\n"
         "text = sys.stdin.read()\n"
         "print(json.dumps(BPETokenizer.train(text, 350).to_dict()))\n"
     )

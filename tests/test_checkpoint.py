@@ -9,8 +9,8 @@ import safetensors.numpy
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import femtogpt.tensorfile as checkpoint_module
-from femtogpt.checkpoint import FORMAT_VERSION, MAX_HEADER_BYTES, load_checkpoint, save_checkpoint
+import femtogpt.files.tensorfile as checkpoint_module
+from femtogpt.files.checkpoint import FORMAT_VERSION, MAX_HEADER_BYTES, load_checkpoint, save_checkpoint
 from femtogpt.errors import CheckpointError
 
 
@@ -566,7 +566,7 @@ def test_fuzz_structured_headers(tmp_path, entries, metadata, data):
 def model_file(tmp_path_factory):
     """A real model checkpoint (with biases, so that it has many small tensors)."""
     from femtogpt import GPT, GPTConfig, CharTokenizer
-    from femtogpt.checkpoint import model_meta
+    from femtogpt.files.checkpoint import model_meta
     model = GPT(GPTConfig(vocab_size=12, block_size=8, n_layer=2, n_head=2, n_embd=16), seed=3)
     tokenizer = CharTokenizer("\nabcdefghijk")
     path = tmp_path_factory.mktemp("model") / "best.safetensors"
@@ -666,7 +666,7 @@ def test_a_recomputed_tensor_digest_with_a_stale_header_digest_is_refused(tmp_pa
 def test_a_consistent_header_with_a_wrong_tensor_digest_is_refused(tmp_path, model_file):
     # Someone recomputes the header digest over a wrong tensor digest: the
     # header passes, the tensor does not.
-    from femtogpt.tensorfile import _header_digest
+    from femtogpt.files.tensorfile import _header_digest
     _, data, _ = model_file
     header = json.loads(data[8:_header_end(data)])
     digest = json.loads(header["__metadata__"]["digest"])
@@ -715,7 +715,7 @@ def test_loading_reads_into_the_models_own_memory(model_file, monkeypatch):
     # No second full copy: every tensor is read straight into the model's
     # parameter block (read_into gets views of it, never a fresh array).
     import femtogpt
-    from femtogpt import tensorfile
+    from femtogpt.files import tensorfile
     path, _, state = model_file
     targets = []
     real = tensorfile.TensorFile.read_into
@@ -734,7 +734,7 @@ def test_loading_reads_into_the_models_own_memory(model_file, monkeypatch):
 
 def test_saving_writes_from_the_models_own_memory(tmp_path, monkeypatch):
     from femtogpt import GPT, GPTConfig
-    from femtogpt import tensorfile
+    from femtogpt.files import tensorfile
     model = GPT(GPTConfig(vocab_size=12, block_size=8, n_layer=1, n_head=2, n_embd=16), seed=1)
     seen = []
     real = tensorfile._write_durably

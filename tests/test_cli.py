@@ -3,7 +3,7 @@
 User errors must exit with status 2 and one line on stderr starting
 "femtogpt: error:" (argparse's own usage errors also exit 2), never a
 traceback, unless --debug asks for one. Most cases run in-process through
-femtogpt.cli.main; exit statuses, signals and pipes are checked in real
+femtogpt.app.cli.main; exit statuses, signals and pipes are checked in real
 subprocesses.
 """
 import json
@@ -16,11 +16,11 @@ import pytest
 import safetensors.numpy
 
 import femtogpt
-from femtogpt.checkpoint import load_checkpoint
-from femtogpt.cli import main
+from femtogpt.files.checkpoint import load_checkpoint
+from femtogpt.app.cli import main
 from femtogpt.errors import DataError
-from femtogpt.sample import main as sample_main
-from femtogpt.sample import stream_sample
+from femtogpt.app.sample import main as sample_main
+from femtogpt.app.sample import stream_sample
 from femtogpt.train import TrainConfig
 
 TEXT = "the quick brown fox jumps over the lazy dog.\n" * 40
@@ -47,7 +47,7 @@ def env():
     return e
 
 
-def run(*args, module="femtogpt.cli", **kwargs):
+def run(*args, module="femtogpt.app.cli", **kwargs):
     # cwd: `python -m` puts the working directory first on sys.path; from the
     # repository root that would be the source tree, which has no compiled core
     # when the package is installed with pip. The imported package's parent
@@ -117,9 +117,9 @@ SAMPLE_DEFAULTS = ["(default: out)", "(default: 500)", "(default: 1)", "(default
 
 
 @pytest.mark.parametrize("args, module, options, defaults", [
-    (["--help"], "femtogpt.cli", ["train", "sample", "--debug"], []),
-    (["train", "--help"], "femtogpt.cli", TRAIN_OPTIONS, TRAIN_DEFAULTS),
-    (["sample", "--help"], "femtogpt.cli", SAMPLE_OPTIONS, SAMPLE_DEFAULTS),
+    (["--help"], "femtogpt.app.cli", ["train", "sample", "--debug"], []),
+    (["train", "--help"], "femtogpt.app.cli", TRAIN_OPTIONS, TRAIN_DEFAULTS),
+    (["sample", "--help"], "femtogpt.app.cli", SAMPLE_OPTIONS, SAMPLE_DEFAULTS),
     (["--help"], "femtogpt.sample", SAMPLE_OPTIONS, SAMPLE_DEFAULTS),
 ])
 def test_help_lists_every_option_and_default(args, module, options, defaults):
@@ -273,7 +273,7 @@ def test_bias_and_gelu_flags_reach_the_model_and_the_checkpoint(tmp_path):
 
 def test_broken_pipe_is_not_an_error(trained):
     data, out = trained
-    proc = subprocess.Popen([sys.executable, "-m", "femtogpt.cli", "sample", "--out", out,
+    proc = subprocess.Popen([sys.executable, "-m", "femtogpt.app.cli", "sample", "--out", out,
                              "--max-new-tokens", "100000", "--seed", "1", "--threads", "1"],
                             env=env(), cwd=PACKAGE_PARENT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
@@ -466,9 +466,9 @@ def test_out_path_that_is_a_file_is_a_user_error(tmp_path, files, capsys):
 
 
 @pytest.mark.parametrize("args, module, status, fragment", [
-    (["train", "--data", "{missing}", "--out", "{new}"], "femtogpt.cli", 2,
+    (["train", "--data", "{missing}", "--out", "{new}"], "femtogpt.app.cli", 2,
      "femtogpt: error: data file not found: {missing}"),
-    (["sample", "--out", "{out}", "--top-p", "0"], "femtogpt.cli", 2,
+    (["sample", "--out", "{out}", "--top-p", "0"], "femtogpt.app.cli", 2,
      "femtogpt: error: --top-p must be in (0, 1], got 0.0"),
     (["--out", "{nothing}"], "femtogpt.sample", 2,
      "femtogpt: error: no checkpoint in directory {nothing}"),

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 
 import femtogpt
-from femtogpt import corpus, token_cache
-from femtogpt.cli import main
+from femtogpt.text import corpus, token_cache
+from femtogpt.app.cli import main
 from femtogpt.errors import DataError
-from femtogpt.token_cache import MANIFEST, open_tokens
-from femtogpt.tokenizer import BPETokenizer, CharTokenizer
+from femtogpt.text.token_cache import MANIFEST, open_tokens
+from femtogpt.text import BPETokenizer, CharTokenizer
 
 # Several scripts and multi-byte characters, so that block edges fall inside them.
 PARTS = ["First Citizen:\nBefore we proceed any further, hear me speak.\n" * 30,
@@ -300,7 +300,7 @@ def test_a_killed_preparation_leaves_nothing_a_later_run_uses(tmp_path):
             f.write(line)
     cache = tmp_path / "cache"
     env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(femtogpt.__file__)))
-    proc = subprocess.Popen([sys.executable, "-m", "femtogpt.cli", "prepare", "--data", str(root),
+    proc = subprocess.Popen([sys.executable, "-m", "femtogpt.app.cli", "prepare", "--data", str(root),
                              "--cache-dir", str(cache), "--no-progress"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
                             cwd=str(tmp_path))

@@ -3,7 +3,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from femtogpt.data import check_split_size, get_batch, read_text
+from femtogpt.text import read_text
+
+from femtogpt.train.batches import check_split_size, get_batch
 from femtogpt.errors import ConfigError, DataError
 
 # ----------------------------------------------------------------------------- read_text
@@ -201,7 +203,7 @@ def test_get_batch_windows_in_range(n, block_size, batch_size, seed):
 def test_get_batch_from_a_token_file_draws_the_same_batches(tmp_path):
     # Training reads the token cache through TokenFile: the same draws, the
     # same windows as from the ids in memory (so resuming stays bit-identical).
-    from femtogpt.token_cache import TokenFile
+    from femtogpt.text.token_cache import TokenFile
     ids = np.random.default_rng(0).integers(0, 300, 5000).astype(np.uint16)
     path = tmp_path / "ids.bin"
     ids.tofile(path)

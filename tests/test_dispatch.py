@@ -49,8 +49,9 @@ def test_the_loaded_core_is_the_chosen_build_everywhere():
     assert femtogpt._core.TARGET == expected
     assert femtogpt.build_info()["core"] == expected
     assert sys.modules["femtogpt._core"] is femtogpt._core
-    from femtogpt import model, train
-    assert model._core is femtogpt._core and train._core is femtogpt._core
+    from femtogpt.model import gpt
+    from femtogpt.train import run
+    assert gpt._core is femtogpt._core and run._core is femtogpt._core
 
 
 def _cpuinfo_flags():

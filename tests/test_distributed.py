@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 import femtogpt
-from femtogpt import distributed
-from femtogpt.checkpoint import load_checkpoint
+from femtogpt.train import distributed
+from femtogpt.files.checkpoint import load_checkpoint
 from femtogpt.errors import ConfigError
 from femtogpt.train import Run
 
@@ -77,7 +77,7 @@ def test_without_mpi4py_distributed_says_how_to_install(monkeypatch):
 
 
 def test_cli_without_mpi4py_exits_2_with_the_hint(tmp_path, monkeypatch, capsys):
-    from femtogpt.cli import main
+    from femtogpt.app.cli import main
     monkeypatch.setitem(sys.modules, "mpi4py", None)
     monkeypatch.setitem(sys.modules, "mpi4py.MPI", None)
     assert main(["train", "--distributed", "--out", str(tmp_path / "run")]) == 2
@@ -142,7 +142,7 @@ def mpi_env(threads="1"):
 
 
 def ranks_command(mpiexec, n, *args):
-    return [mpiexec, "-n", str(n), sys.executable, "-m", "femtogpt.cli", "train", *args]
+    return [mpiexec, "-n", str(n), sys.executable, "-m", "femtogpt.app.cli", "train", *args]
 
 
 def run_ranks(mpiexec, n, *args, env=None, timeout=180):
@@ -191,7 +191,7 @@ def rank_pids(proc):
     for pid in descendants(proc.pid):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if b"femtogpt.cli" in f.read():
+                if b"femtogpt.app.cli" in f.read():
                     pids.append(pid)
         except OSError:
             pass
@@ -310,7 +310,7 @@ def test_evaluation_shared_out_equals_one_process(two_rank_reference, tmp_path):
     data, out, _ = two_rank_reference
     single = str(tmp_path / "single")
     flags = with_flag(DIST_FLAGS, "--max-iters", "1")
-    proc = subprocess.run([sys.executable, "-m", "femtogpt.cli", "train", "--data", data,
+    proc = subprocess.run([sys.executable, "-m", "femtogpt.app.cli", "train", "--data", data,
                            "--out", single, *flags], env=mpi_env(), cwd=PACKAGE_PARENT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -411,7 +411,7 @@ def test_resume_with_another_number_of_ranks_warns_and_continues(mpiexec, tmp_pa
     out = str(tmp_path / "copy")
     shutil.copytree(reference, out)
     flags = with_flag(DIST_FLAGS, "--max-iters", "620")
-    proc = subprocess.run([sys.executable, "-m", "femtogpt.cli", "train", "--data", data,
+    proc = subprocess.run([sys.executable, "-m", "femtogpt.app.cli", "train", "--data", data,
                            "--out", out, *flags], env=mpi_env(), cwd=PACKAGE_PARENT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr

@@ -18,10 +18,10 @@ import pytest
 
 import femtogpt
 from femtogpt.errors import CheckpointError, ConfigError
-from femtogpt.gpt2_tokenizer import GPT2Tokenizer, bytes_to_unicode, gpt2_pattern
-from femtogpt.hf import TRANSPOSED, export_hf, load_hf
+from femtogpt.text.gpt2 import GPT2Tokenizer, bytes_to_unicode, gpt2_pattern
+from femtogpt.files.hf import TRANSPOSED, export_hf, load_hf
 from femtogpt.model import GPT, GPTConfig
-from femtogpt.tokenizer import BPETokenizer, CharTokenizer, tokenizer_from_dict
+from femtogpt.text import BPETokenizer, CharTokenizer, tokenizer_from_dict
 
 st = pytest.importorskip("safetensors.numpy")
 
@@ -295,7 +295,7 @@ def test_a_pickle_only_folder_is_refused_and_never_unpickled(tmp_path):
     with pytest.raises(CheckpointError, match="pickle.*can run any code.*save_pretrained"):
         load_hf(tmp_path)
     assert not marker.exists()
-    proc = subprocess.run([sys.executable, "-m", "femtogpt.cli", "sample", "--out",
+    proc = subprocess.run([sys.executable, "-m", "femtogpt.app.cli", "sample", "--out",
                            str(tmp_path), "--max-new-tokens", "3"],
                           capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 2 and not marker.exists()
@@ -339,7 +339,7 @@ def test_export_of_a_char_model_without_biases_writes_weights_and_says_what_is_l
 def test_sample_finetune_and_export_from_the_command_line(tmp_path):
     make_folder(tmp_path / "gpt2", T=32)
     (tmp_path / "my.txt").write_text(TEXT * 4)
-    run = lambda *a: subprocess.run([sys.executable, "-m", "femtogpt.cli", *a],  # noqa: E731
+    run = lambda *a: subprocess.run([sys.executable, "-m", "femtogpt.app.cli", *a],  # noqa: E731
                                     capture_output=True, text=True, timeout=600, cwd=tmp_path)
     s1 = run("sample", "--out", "gpt2", "--prompt", "All:", "--max-new-tokens", "8", "--seed", "3")
     assert s1.returncode == 0, s1.stderr
@@ -352,7 +352,7 @@ def test_sample_finetune_and_export_from_the_command_line(tmp_path):
     assert "context cropped from 32 to 16" in t.stdout + t.stderr
     # nanoGPT's fine-tuning recipe for the settings not given, said at the start.
     assert "fine-tuning a pretrained GPT-2" in t.stdout + t.stderr
-    from femtogpt.tensorfile import TensorFile
+    from femtogpt.files.tensorfile import TensorFile
     with TensorFile(tmp_path / "ft" / "ckpt.safetensors") as f:
         saved = f.meta["train_config"]
     assert (saved["learning_rate"], saved["min_lr"], saved["warmup_iters"]) == (3e-5, 3e-5, 0)
@@ -442,7 +442,7 @@ def test_tokenizer_json_gives_the_same_tokenizer(tmp_path, merges_as_pairs):
 def test_fast_pre_split_equals_openais_pattern_on_text_it_takes():
     # The encoder splits with \w-style classes unless the text holds one of the
     # characters whose class differs; on any other text both patterns must agree.
-    from femtogpt.gpt2_tokenizer import _FAST_PATTERN, _fast_pattern_differs
+    from femtogpt.text.gpt2 import _FAST_PATTERN, _fast_pattern_differs
     differs = _fast_pattern_differs()
     assert {"\x1c", "²", "½", "Ⅻ"} <= differs and not {"a", "1", " ", "_", "é"} & differs
     rng = np.random.default_rng(0)
@@ -457,7 +457,7 @@ def test_fast_pre_split_equals_openais_pattern_on_text_it_takes():
 def test_finetune_flags_and_their_refusals(tmp_path):
     make_folder(tmp_path / "gpt2", T=32)
     (tmp_path / "my.txt").write_text(TEXT * 4)
-    run = lambda *a: subprocess.run([sys.executable, "-m", "femtogpt.cli", "train",  # noqa: E731
+    run = lambda *a: subprocess.run([sys.executable, "-m", "femtogpt.app.cli", "train",  # noqa: E731
                                      "--init-from", "gpt2", "--data", "my.txt", "--no-progress",
                                      "--sample-tokens", "0", "--max-iters", "2", *a],
                                     capture_output=True, text=True, timeout=600, cwd=tmp_path)
@@ -468,13 +468,13 @@ def test_finetune_flags_and_their_refusals(tmp_path):
     # A fine-tuning rate below the presets' min_lr: constant at the rate given.
     low = run("--out", "b", "--learning-rate", "1e-5", "--block-size", "16")
     assert low.returncode == 0, low.stderr
-    from femtogpt.tensorfile import TensorFile
+    from femtogpt.files.tensorfile import TensorFile
     with TensorFile(tmp_path / "b" / "ckpt.safetensors") as f:
         saved = f.meta["train_config"]
     assert saved["learning_rate"] == saved["min_lr"] == 1e-5 and saved["block_size"] == 16
     # Exporting a run over itself would delete it: refused, the run intact.
     before = sorted(os.listdir(tmp_path / "b"))
-    over = subprocess.run([sys.executable, "-m", "femtogpt.cli", "export", "b", "--to", "b",
+    over = subprocess.run([sys.executable, "-m", "femtogpt.app.cli", "export", "b", "--to", "b",
                            "--overwrite"], capture_output=True, text=True, timeout=120,
                           cwd=tmp_path)
     assert over.returncode == 2 and "holds the model being exported" in over.stderr

@@ -15,8 +15,8 @@ import pytest
 import femtogpt
 from femtogpt import GPT, GPTConfig, _core
 from femtogpt.errors import DataError, TokenizerError
-from femtogpt.sample import stream_sample
-from femtogpt.tokenizer import ByteTokenizer, CharTokenizer
+from femtogpt.app.sample import stream_sample
+from femtogpt.text import ByteTokenizer, CharTokenizer
 
 V, BLOCK = 11, 8
 CHARS = "\nabcdefghij"          # 11 characters, sorted: a CharTokenizer vocabulary

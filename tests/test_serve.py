@@ -16,9 +16,9 @@ import pytest
 
 import femtogpt
 import reference as ref
-from femtogpt.checkpoint import load
-from femtogpt.probe import analyze, attention
-from femtogpt.serve import make_server
+from femtogpt.files import load
+from femtogpt.app.probe import analyze, attention
+from femtogpt.app.serve import make_server
 from femtogpt.train import TrainConfig, train
 
 TEXT = ("To be, or not to be, that is the question:\nWhether 'tis nobler in the mind "
@@ -74,7 +74,7 @@ def events(payload):
 
 
 def cli_sample(run_dir, *args):
-    proc = subprocess.run([sys.executable, "-m", "femtogpt.cli", "sample", "--out", run_dir,
+    proc = subprocess.run([sys.executable, "-m", "femtogpt.app.cli", "sample", "--out", run_dir,
                            *args], capture_output=True, text=True, timeout=120,
                           cwd=PACKAGE_PARENT)
     assert proc.returncode == 0, proc.stderr
@@ -285,7 +285,8 @@ def test_a_rewritten_checkpoint_is_read_again(run_dir, tmp_path):
         params = model.state_dict()
         params["transformer.wte.weight"] = params["transformer.wte.weight"][::-1].copy()
         model.load_state_dict(params)
-        from femtogpt.checkpoint import BEST_NAME, model_meta, save_checkpoint
+        from femtogpt.files.checkpoint import model_meta, save_checkpoint
+        from femtogpt.files import BEST_NAME
         meta = model_meta(model, tokenizer)
         meta.update({"kind": "model", "iter": 99, "val_loss": 0.5})
         save_checkpoint(str(copy / BEST_NAME), model.state_views(), meta)
@@ -299,9 +300,9 @@ def test_a_rewritten_checkpoint_is_read_again(run_dir, tmp_path):
 
 
 def test_serve_refuses_what_it_cannot_serve_and_warns_when_exposed(tmp_path, run_dir):
-    from femtogpt.cli import main
+    from femtogpt.app.cli import main
     assert main(["serve", "--out", str(tmp_path / "nothing")]) == 2
-    proc = subprocess.Popen([sys.executable, "-m", "femtogpt.cli", "serve", "--out", run_dir,
+    proc = subprocess.Popen([sys.executable, "-m", "femtogpt.app.cli", "serve", "--out", run_dir,
                              "--host", "0.0.0.0", "--port", "0"], stderr=subprocess.PIPE,
                             text=True, cwd=PACKAGE_PARENT)
     try:
@@ -344,7 +345,7 @@ def test_only_this_servers_pages_may_use_it(server):
 
 
 def test_an_error_after_the_stream_began_is_an_error_event(server, monkeypatch):
-    from femtogpt import serve
+    from femtogpt.app import serve
     real = serve._EventStream.write
 
     def break_after_prompt(self, text):
@@ -377,7 +378,7 @@ def test_a_hugging_face_folder_is_served(tmp_path):
                              {"prompt": "Before we", "max_new_tokens": 12, "seed": 4})[1])
         assert got[-1][0] == "done"
         model, tokenizer = load(str(folder))
-        from femtogpt.sample import stream_sample
+        from femtogpt.app.sample import stream_sample
         import io
         sink = io.StringIO()
         stream_sample(model, tokenizer, "Before we", 12, 0.8, 200, None, 4, out=sink)

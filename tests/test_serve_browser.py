@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from femtogpt.serve import make_server
+from femtogpt.app.serve import make_server
 
 from test_serve import PACKAGE_PARENT, TEXT, cli_sample, run_dir  # noqa: F401 (fixture)
 
@@ -135,7 +135,7 @@ def test_bad_input_shows_its_message(page):
 def test_stop_cancels_a_sample(page, monkeypatch):
     driver, _ = page
     # This model writes 2,000 tokens in a blink: slow each one down to see Stop act.
-    from femtogpt import serve
+    from femtogpt.app import serve
     write = serve._EventStream.write
     monkeypatch.setattr(serve._EventStream, "write",
                         lambda self, text: (time.sleep(0.005), write(self, text)))

@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 
 import femtogpt
-import femtogpt.tokenizer as tokenizer_module
-from femtogpt import _text
-from femtogpt.bulk_encode import BPEStream, class_table, piece_bounds
-from femtogpt.gpt2_tokenizer import GPT2Tokenizer, gpt2_pattern
-from femtogpt.tokenizer import _PRESPLIT, BPETokenizer
+import femtogpt.text.bpe as tokenizer_module
+from femtogpt.text import _native as _text
+from femtogpt.text.bulk_encode import BPEStream, class_table, piece_bounds
+from femtogpt.text.gpt2 import GPT2Tokenizer, gpt2_pattern
+from femtogpt.text.bpe import _PRESPLIT
+from femtogpt.text import BPETokenizer
 
 from test_hf import TEXT, gpt2_files
 
@@ -51,7 +52,7 @@ def test_pre_split_state_machine_is_the_regular_expression(kind):
     if kind == "bpe":
         pattern, classes, contractions = _PRESPLIT, BPETokenizer._presplit_classes, False
     else:
-        from femtogpt.gpt2_tokenizer import _gpt2_classes
+        from femtogpt.text.gpt2 import _gpt2_classes
         pattern, classes, contractions = gpt2_pattern(), _gpt2_classes(), True
     table = class_table(*classes)
     texts = [every_code_point(), "a  b\n\n c\t\td  ", "x's 're'll'd 'S ' ", " ", "  ", "\n"]
@@ -64,7 +65,7 @@ def test_pre_split_state_machine_is_the_regular_expression(kind):
 
 def test_class_table_follows_each_pattern():
     bpe = class_table(*BPETokenizer._presplit_classes)
-    from femtogpt.gpt2_tokenizer import _gpt2_classes
+    from femtogpt.text.gpt2 import _gpt2_classes
     gpt2 = class_table(*_gpt2_classes())
     # letter 0, number 1, space 2, other 3
     assert [bpe[ord(c)] for c in "aé中1١ _.\x1c½"] == [0, 0, 0, 1, 1, 2, 3, 3, 2, 0]
@@ -209,7 +210,7 @@ def test_encoder_refuses_bad_tables():
 
 
 def test_char_ids_count_and_offsets_in_c():
-    from femtogpt.tokenizer import CharTokenizer
+    from femtogpt.text import CharTokenizer
     rng = np.random.default_rng(8)
     for text in list(random_texts(60, seed=9, longest=200000)) + ["", "a", "😀é"]:
         data = np.frombuffer(text.encode("utf-8"), np.uint8)

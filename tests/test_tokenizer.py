@@ -6,14 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from femtogpt.errors import FemtoGPTError, TokenizerError
-from femtogpt.tokenizer import (
-    MAX_CHAR_VOCAB,
-    ByteTokenizer,
-    CharTokenizer,
-    build_tokenizer,
-    compact_id_dtype,
-    tokenizer_from_dict,
-)
+from femtogpt.text import ByteTokenizer, CharTokenizer, build_tokenizer, tokenizer_from_dict
+from femtogpt.text.tokenizer import MAX_CHAR_VOCAB, compact_id_dtype
 
 # Non-ASCII letters, CJK, an emoji outside the BMP, combining accent, tab, CR/LF, NBSP.
 SAMPLE = "Hello, wörld!\nΣπάρτη 東京 😀 e\u0301 \t\r\n\u00a0end"
@@ -75,7 +69,7 @@ def test_char_encode_array_empty_text(char_tok):
 
 
 def test_char_encode_array_spans_chunks(monkeypatch, char_tok):
-    import femtogpt.tokenizer as tokenizer_module
+    import femtogpt.text.char as tokenizer_module
 
     # Force several chunks on a short text to exercise the chunk boundaries.
     monkeypatch.setattr(tokenizer_module, "_CHUNK_CHARS", 7)

@@ -24,12 +24,12 @@ import pytest
 
 import femtogpt
 from femtogpt import _core
-from femtogpt import tensorfile as checkpoint_module
+from femtogpt.files import tensorfile as checkpoint_module
 from femtogpt import train as train_module
-from femtogpt.checkpoint import load_checkpoint, save_checkpoint
+from femtogpt.files.checkpoint import load_checkpoint, save_checkpoint
 from femtogpt.errors import CheckpointError, ConfigError
 from femtogpt.train import AdamW, Run, TrainConfig, get_lr, grad_norm, train
-from femtogpt.data import get_batch
+from femtogpt.train.batches import get_batch
 
 TEXT = "the quick brown fox jumps over the lazy dog.\n" * 40
 VOCAB = sorted(set(TEXT))
@@ -588,7 +588,7 @@ def cli_env():
 
 
 def train_command(data, out):
-    return [sys.executable, "-m", "femtogpt.cli", "train", "--data", data, "--out", out] + CLI_FLAGS
+    return [sys.executable, "-m", "femtogpt.app.cli", "train", "--data", data, "--out", out] + CLI_FLAGS
 
 
 def run_to_completion(data, out):
@@ -912,7 +912,7 @@ def test_a_short_run_with_each_tokenizer(tmp_path, kind):
         assert len(val_ids) < 0.8 * len(val_text.encode("utf-8"))     # it did merge
         assert 256 < tokenizer.vocab_size <= 300
         # merges come from the training split only
-        assert tokenizer == femtogpt.tokenizer.build_tokenizer(
+        assert tokenizer == femtogpt.text.build_tokenizer(
             "bpe", text[:int(len(text) * 0.9)], 300)
 
 
@@ -924,7 +924,7 @@ def test_resume_refuses_another_bpe_vocab_size(tmp_path, data_file):
 
 
 def test_a_preset_on_a_run_of_another_shape_is_refused(tmp_path, data_file):
-    from femtogpt.cli import main
+    from femtogpt.app.cli import main
     out = str(tmp_path / "run")
     args = ["--data", data_file, "--out", out, "--max-iters", "2", "--sample-tokens", "0",
             "--no-progress", "--eval-iters", "1", "--threads", "1", "--block-size", "8"]

@@ -62,14 +62,14 @@ def class_table(letter: str, number: str, space: str) -> np.ndarray:
 
 def cut_after(data, pos: int, limit: int, classes) -> int | None:
     """The first safe cut in data[pos:limit], or None."""
-    from ._text import first_safe_cut
+    from ._native import first_safe_cut
     cut = first_safe_cut(np.frombuffer(data, np.uint8), pos, limit, classes)
     return None if cut < 0 else cut
 
 
 def last_cut(data, classes) -> int | None:
     """The last safe cut of data that has text after it, or None."""
-    from ._text import last_safe_cut
+    from ._native import last_safe_cut
     cut = last_safe_cut(np.frombuffer(data, np.uint8), classes)
     return None if cut <= 0 else cut
 
@@ -93,7 +93,7 @@ class NativeBPE:
     """The C encoder for one tokenizer's merges and pre-split classes."""
 
     def __init__(self, merges, classes: np.ndarray, contractions: bool):
-        from . import _text
+        from . import _native as _text
         pairs = np.array(merges, dtype=np.int32).reshape(-1, 2)
         self.classes = classes
         self._encoder = _text.Encoder(np.ascontiguousarray(pairs), classes, bool(contractions))

@@ -8,7 +8,7 @@ events. It only reads the run folders: a training process is never touched,
 and a checkpoint it rewrites (always atomically) is read again, whole.
 
 Routes (JSON unless said otherwise):
-  GET  /                      the page (femtogpt/web/), nothing from the internet
+  GET  /                      the page (femtogpt/app/web/), nothing from the internet
   GET  /api/runs              every run or model given, and what it is
   GET  /api/runs/N/metrics    its metrics.jsonl rows
   GET  /api/live              events: new metrics rows, run changes, and a
@@ -29,12 +29,12 @@ import socket
 import sys
 import threading
 import time
-from http import HTTPStatus
+
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 
-from .errors import FemtoGPTError
+from ..errors import FemtoGPTError
 
 WEB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web")
 STATIC = {"/": ("index.html", "text/html; charset=utf-8"),
@@ -76,7 +76,7 @@ class Source:
 
     def checkpoint_file(self):
         """The file a model is read from, as `femtogpt sample --out` chooses."""
-        from .checkpoint import BEST_NAME, LATEST_NAME
+        from ..files import BEST_NAME, LATEST_NAME
         if os.path.isfile(self.path):
             return self.path
         for name in (BEST_NAME, LATEST_NAME):
@@ -95,7 +95,7 @@ class Source:
 
     def info(self):
         """What the page shows about it: read fresh each time (a run may be training)."""
-        from .checkpoint import LATEST_NAME, TensorFile
+        from ..files import LATEST_NAME, TensorFile
         info = {"id": self.index, "path": self.path, "name": os.path.basename(self.path)}
         rows = read_rows(self.metrics_path)
         state = os.path.join(self.path, LATEST_NAME)
@@ -144,7 +144,7 @@ class Source:
         return _Lease(self)
 
     def _acquire(self, timeout=60.0):
-        from .checkpoint import load
+        from ..files import load
         key = self._key()
         deadline = time.monotonic() + timeout
         with self._lock:
@@ -583,7 +583,7 @@ class _Collect:
 def make_server(paths, host="127.0.0.1", port=8000, verbose=False):
     """A Server for the given run folders, checkpoint files or model folders
     (each checked to hold a model now), bound but not yet serving."""
-    from .errors import ConfigError
+    from ..errors import ConfigError
     sources = []
     for i, path in enumerate(paths):
         source = Source(i, path)
@@ -601,7 +601,7 @@ def make_server(paths, host="127.0.0.1", port=8000, verbose=False):
 
 
 def serve_command(args):
-    from . import _core
+    from .. import _core
     if args.threads:
         _core.set_num_threads(args.threads)
     server = make_server(args.out, args.host, args.port, args.verbose)

@@ -19,10 +19,12 @@ import warnings
 
 import numpy as np
 
-from .checkpoint import BEST_NAME, LATEST_NAME, TensorFile, model_from_file
+from .checkpoint import model_from_file
+from .rundir import BEST_NAME, LATEST_NAME
+from .tensorfile import TensorFile
 from .tensorfile import FLOAT_KINDS
-from .errors import CheckpointError, FemtoGPTError, UnverifiedCheckpointWarning
-from .token_cache import MANIFEST, check_entry, find_entries
+from ..errors import CheckpointError, FemtoGPTError, UnverifiedCheckpointWarning
+from ..text.token_cache import MANIFEST, check_entry, find_entries
 
 INTACT, UNVERIFIED, STALE, DAMAGED = "intact", "unverified", "stale", "DAMAGED"
 

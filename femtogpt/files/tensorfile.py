@@ -35,7 +35,7 @@ import stat
 import numpy as np
 import xxhash
 
-from femtogpt.errors import CheckpointError
+from ..errors import CheckpointError
 
 FORMAT_VERSION = 2               # written
 READABLE_VERSIONS = (1, 2)       # 1: before digests

@@ -11,10 +11,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import ConfigError
-from .model import GELU_FORMS
+from ..errors import ConfigError
+from ..model import GELU_FORMS
 
-BUNDLED_DATA = os.path.join(os.path.dirname(__file__), "data", "tinyshakespeare.txt")
+BUNDLED_DATA = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "tinyshakespeare.txt")
 
 ARCHITECTURE = ("n_layer", "n_head", "n_embd", "block_size", "bias", "gelu")
 

@@ -13,13 +13,12 @@ memory once, not twice.
 """
 from __future__ import annotations
 
-import os
 import warnings
 
 import numpy as np
 
-from femtogpt.errors import CheckpointError, UnverifiedCheckpointWarning
-from femtogpt.tensorfile import (FORMAT_VERSION, MAX_HEADER_BYTES, TensorFile,  # noqa: F401
+from ..errors import CheckpointError, UnverifiedCheckpointWarning
+from .tensorfile import (FORMAT_VERSION, MAX_HEADER_BYTES, TensorFile,  # noqa: F401
                                  load_tensors, save_tensors)
 
 # The names the rest of femtogpt (and its tests) use for the file operations.
@@ -27,23 +26,6 @@ save_checkpoint = save_tensors
 load_checkpoint = load_tensors
 
 # --------------------------------------------------------------------------- models
-
-LATEST_NAME = "ckpt.safetensors"   # the latest training state in a run directory
-BEST_NAME = "best.safetensors"     # the model with the best validation loss
-
-
-def checkpoint_path(path, prefer=BEST_NAME) -> str:
-    """A checkpoint file from a file path or a run directory (prefer, else the other)."""
-    path = os.fspath(path)
-    if not os.path.isdir(path):
-        return path
-    for name in (prefer, LATEST_NAME if prefer == BEST_NAME else BEST_NAME):
-        candidate = os.path.join(path, name)
-        if os.path.isfile(candidate):
-            return candidate
-    raise CheckpointError(f"no checkpoint in directory {path} "
-                          f"(expected {BEST_NAME} or {LATEST_NAME})")
-
 
 def note_if_unverified(f: TensorFile) -> None:
     """Say (once per file) that a file from before digests cannot be checked."""
@@ -56,9 +38,9 @@ def note_if_unverified(f: TensorFile) -> None:
 def model_from_file(f: TensorFile):
     """(model, tokenizer) from an open checkpoint, the weights read straight into
     the new model's parameter block; CheckpointError for anything wrong."""
-    from femtogpt.errors import FemtoGPTError
-    from femtogpt.model import GPT, GPTConfig
-    from femtogpt.tokenizer import tokenizer_from_dict
+    from ..errors import FemtoGPTError
+    from ..model import GPT, GPTConfig
+    from ..text import tokenizer_from_dict
 
     path, meta = f.path, f.meta
     config_dict = meta.get("model_config")
@@ -103,19 +85,3 @@ def read_tensors_into(f: TensorFile, views: dict, prefix: str) -> None:
 
 def model_meta(model, tokenizer) -> dict:
     return {"model_config": model.config.to_dict(), "tokenizer": tokenizer.to_dict()}
-
-
-def load(path, prefer=BEST_NAME):
-    """(model, tokenizer) from a checkpoint file, a run directory or a Hugging
-    Face GPT-2 folder (config.json, model.safetensors, vocab.json, merges.txt).
-
-    For a run directory, the best-validation model is used if there is one,
-    else the latest training state.
-    """
-    from femtogpt.hf import is_hf_folder, load_hf
-    if is_hf_folder(path):
-        return load_hf(path)
-    with TensorFile(checkpoint_path(path, prefer)) as f:
-        model, tokenizer = model_from_file(f)
-    model.eval()
-    return model, tokenizer

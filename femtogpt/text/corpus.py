@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import xxhash
 
-from .data import _UTF16_BOMS, _UTF8_BOM
-from .errors import DataError
+from .textfile import _UTF16_BOMS, _UTF8_BOM
+from ..errors import DataError
 
 # Bytes read at a time: big enough that per-block costs vanish, small enough
 # that a block and its ids stay far below the memory budget.
@@ -203,7 +203,7 @@ def _check_unchanged(src, offset, digests, hasher):
 
 
 def _read_file_bytes(index, src, block_bytes, digests, progress):
-    from ._text import count_chars
+    from ._native import count_chars
     hasher = xxhash.xxh3_128()
     start = None
     pending = b""

@@ -19,21 +19,22 @@ from dataclasses import asdict, fields, replace
 
 import numpy as np
 
-from . import _core
-from .checkpoint import (BEST_NAME, LATEST_NAME, TensorFile, checkpoint_path, model_from_file,
-                         model_meta, save_checkpoint)
+from .. import _core
+from ..files.checkpoint import model_from_file, model_meta, save_checkpoint
+from ..files.rundir import BEST_NAME, LATEST_NAME, checkpoint_path
+from ..files.tensorfile import TensorFile
 from .config import (ARCHITECTURE, BUNDLED_DATA, FINETUNE_DEFAULTS,  # noqa: F401 (re-exported)
                      PRESETS, TrainConfig)
 from .distributed import (TAIL_LOSS, TAIL_STOP_SLOTS, Solo, batch_share, default_threads,
                           fingerprint, rank_dropout_seed)
-from .data import check_split_size, get_batch
-from .errors import CheckpointError, ConfigError, DataError, FemtoGPTError
-from .hf import is_hf_folder
-from .model import GPT, GPTConfig
+from .batches import check_split_size, get_batch
+from ..errors import CheckpointError, ConfigError, DataError, FemtoGPTError
+from ..files.hf import is_hf_folder
+from ..model import GPT, GPTConfig
 from .optim import AdamW, get_lr, grad_norm  # noqa: F401 (re-exported)
-from .rundir import (RUN_FILES, check_out_dir, plot_losses, read_metrics, remove_if_present,
+from ..files.rundir import (RUN_FILES, check_out_dir, plot_losses, read_metrics, remove_if_present,
                      remove_stale_temp_files)
-from .token_cache import open_tokens
+from ..text.token_cache import open_tokens
 
 
 
@@ -278,7 +279,7 @@ class Run:
             os.remove(self.metrics_path)    # this same run, started again
 
     def _init_from(self, source, explicit):
-        from .hf import load_hf
+        from ..files.hf import load_hf
         if is_hf_folder(source):
             file = source
             model, tokenizer = load_hf(source)
@@ -550,7 +551,7 @@ def _finetune_defaults(cfg, explicit, folder):
     """{setting: value}: FINETUNE_DEFAULTS for the settings not given. With
     --learning-rate given and --min-lr not, the rate stays constant at the one
     given; the context is at most the model's."""
-    from .hf import config_from_hf
+    from ..files.hf import config_from_hf
     n_positions = config_from_hf(folder).block_size
     chosen = {name: value for name, value in FINETUNE_DEFAULTS.items() if name not in explicit}
     if "min_lr" in chosen and "learning_rate" in explicit:

@@ -8,8 +8,8 @@ import math
 
 import numpy as np
 
-from . import _core
-from .checkpoint import read_tensors_into
+from .. import _core
+from ..files.checkpoint import read_tensors_into
 
 
 def get_lr(it, cfg):

@@ -20,8 +20,9 @@ import unicodedata
 
 import numpy as np
 
-from .errors import TokenizerError
-from .tokenizer import BPETokenizer, _ids_to_array
+from ..errors import TokenizerError
+from .bpe import BPETokenizer
+from .tokenizer import _ids_to_array
 
 ENDOFTEXT = "<|endoftext|>"
 # Unicode's White_Space property: what \s means to OpenAI's pattern (Python's \s

@@ -22,9 +22,9 @@ import shutil
 
 import numpy as np
 
-from .checkpoint import BEST_NAME, LATEST_NAME
-from .errors import CheckpointError, ConfigError
-from .model import GPT, GPTConfig
+from .rundir import BEST_NAME, LATEST_NAME
+from ..errors import CheckpointError, ConfigError
+from ..model import GPT, GPTConfig
 from .tensorfile import TensorFile, save_tensors
 
 CONFIG_NAME = "config.json"
@@ -56,7 +56,7 @@ def is_hf_folder(path) -> bool:
 
 
 def _read_json(path, what):
-    from .gpt2_tokenizer import read_small_json
+    from ..text.gpt2 import read_small_json
     return read_small_json(path, what, CheckpointError)
 
 
@@ -190,8 +190,8 @@ def read_hf_weights(folder, model) -> None:
 
 
 def read_hf_tokenizer(folder):
-    from .errors import TokenizerError
-    from .gpt2_tokenizer import GPT2Tokenizer
+    from ..errors import TokenizerError
+    from ..text.gpt2 import GPT2Tokenizer
     vocab, merges = os.path.join(folder, VOCAB_NAME), os.path.join(folder, MERGES_NAME)
     tokenizer_json = os.path.join(folder, TOKENIZER_JSON)
     try:
@@ -271,7 +271,7 @@ def export_hf(model, tokenizer, folder, overwrite=False, meta=None, source=None)
     overwrite=True; never the folder the model came from (source), nor one
     that holds it.
     """
-    from .gpt2_tokenizer import GPT2Tokenizer
+    from ..text.gpt2 import GPT2Tokenizer
     notes = []
     if not isinstance(tokenizer, GPT2Tokenizer):
         notes.append(f"the model's {tokenizer.kind} tokenizer has no Hugging Face "

@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 
-from .errors import DataError
+from ..errors import DataError
 
 
 def token_pieces(tokenizer, ids):

@@ -27,7 +27,7 @@ import time
 
 import numpy as np
 
-from .errors import ConfigError, FemtoGPTError
+from ..errors import ConfigError, FemtoGPTError
 
 # Environment variables through which MPI launchers tell a process the job size:
 # Open MPI's mpirun, MPICH's and Intel MPI's Hydra (PMI), MVAPICH2.

@@ -34,10 +34,12 @@ import numpy as np
 import xxhash
 
 from . import corpus
-from ._text import char_offset, mark_code_points
-from .errors import DataError, FemtoGPTError, TokenizerError
-from .tokenizer import (MAX_CHAR_VOCAB, BPETokenizer, CharTokenizer, build_tokenizer,
-                        tokenizer_from_dict)
+from ._native import char_offset, mark_code_points
+from ..errors import DataError, FemtoGPTError, TokenizerError
+from .bpe import BPETokenizer
+from .char import CharTokenizer
+from .registry import build_tokenizer, tokenizer_from_dict
+from .tokenizer import MAX_CHAR_VOCAB
 
 FORMAT = "femtogpt-token-cache"
 VERSION = 2
@@ -496,7 +498,7 @@ def build(folder, sources, spec, kind, vocab_size, tokenizer, log=print, progres
                         f"no longer changes")
     for split, info in splits.items():
         info["file"] = names[split]
-    from . import __version__
+    from .. import __version__
     manifest = {
         "format": FORMAT, "version": VERSION, "spec": spec,
         "sources": [dict(s.record(), digest=d) for s, d in zip(sources, digests)],

@@ -9,11 +9,29 @@ next start.
 import json
 import os
 
-from .checkpoint import BEST_NAME, LATEST_NAME
-from .errors import ConfigError
+from ..errors import CheckpointError, ConfigError
 
+LATEST_NAME = "ckpt.safetensors"   # the latest training state in a run directory
+BEST_NAME = "best.safetensors"     # the model with the best validation loss
+
+
+def checkpoint_path(path, prefer=BEST_NAME) -> str:
+    """A checkpoint file from a file path or a run directory (prefer, else the other)."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        return path
+    for name in (prefer, LATEST_NAME if prefer == BEST_NAME else BEST_NAME):
+        candidate = os.path.join(path, name)
+        if os.path.isfile(candidate):
+            return candidate
+    raise CheckpointError(f"no checkpoint in directory {path} "
+                          f"(expected {BEST_NAME} or {LATEST_NAME})")
+
+
+METRICS_NAME = "metrics.jsonl"     # one JSON object a line: train steps and evaluations
+PLOT_NAME = "loss.png"             # the loss curves (the [plot] extra)
 # The files a run writes into --out.
-RUN_FILES = (LATEST_NAME, BEST_NAME, "metrics.jsonl", "loss.png")
+RUN_FILES = (LATEST_NAME, BEST_NAME, METRICS_NAME, PLOT_NAME)
 
 
 def remove_if_present(path):

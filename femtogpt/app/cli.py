@@ -10,7 +10,7 @@ import os
 import sys
 from dataclasses import fields, replace
 
-from .errors import FemtoGPTError
+from .guard import run_guarded, show_notes
 
 # What each training flag means (the defaults are printed from the presets).
 TRAIN_HELP = {
@@ -55,7 +55,7 @@ def _flag(name):
 
 
 def _preset_defaults(name):
-    from .train import PRESETS, TrainConfig
+    from ..train import PRESETS, TrainConfig
     values = [getattr(PRESETS[p], name) for p in ("baby", "small", "femto")]
     if name in ("data", "out", "cache_dir", "tokenizer", "vocab_size", "threads", "seed",
                 "sample_tokens") or \
@@ -70,8 +70,8 @@ def _preset_defaults(name):
 
 
 def add_train_arguments(parser):
-    from .model import GELU_FORMS
-    from .train import PRESETS, TrainConfig
+    from ..model import GELU_FORMS
+    from ..train import PRESETS, TrainConfig
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
                         help="starting point for every option below (default: baby, "
                              "nanoGPT's CPU recipe; small: nanoGPT's Shakespeare recipe; "
@@ -127,9 +127,9 @@ def add_train_arguments(parser):
 
 
 def train_command(args):
-    from .distributed import connect
-    from .train import PRESETS, train
-    from .train import ARCHITECTURE
+    from ..train.distributed import connect
+    from ..train import PRESETS, train
+    from ..train import ARCHITECTURE
     comm = args.comm = connect(args.distributed, args.comm_timeout)
     base = PRESETS[args.preset or "baby"]
     given = {f.name for f in fields(base) if getattr(args, f.name) is not None}
@@ -252,12 +252,12 @@ def build_parser():
 
 
 def prepare_command(args):
-    from .config import TrainConfig
-    from .token_cache import open_tokens
+    from ..train.config import TrainConfig
+    from ..text.token_cache import open_tokens
     kind, tokenizer = args.tokenizer, None
     TrainConfig(tokenizer=kind, vocab_size=args.vocab_size).validate()
     if args.init_from is not None:
-        from .checkpoint import load
+        from ..files import load
         _, tokenizer = load(args.init_from)
         kind = tokenizer.to_dict()["type"]
     cache_dir = args.cache_dir or os.path.join(args.out, "cache")
@@ -274,8 +274,8 @@ def prepare_command(args):
 
 
 def export_command(args):
-    from .checkpoint import load
-    from .hf import export_hf
+    from ..files import load
+    from ..files.hf import export_hf
     model, tokenizer = load(args.source)
     for note in export_hf(model, tokenizer, args.to, overwrite=args.overwrite,
                           source=args.source):
@@ -285,7 +285,7 @@ def export_command(args):
 
 
 def verify_command(args):
-    from .verify import DAMAGED, verify
+    from ..files.verify import DAMAGED, verify
     report = verify(args.path)
     for file, status, detail in report:
         print(f"{status:10s} {file}: {detail}")
@@ -297,96 +297,8 @@ def verify_command(args):
     return 0
 
 
-def run_guarded(function, args):
-    """Run a command; user errors become one line on stderr and exit status 2.
-
-    In a distributed run, an error that every rank has met together (flagged
-    `agreed`) is printed by rank 0 and each rank exits normally; any other
-    error is printed by the rank that met it, which then aborts the whole MPI
-    job: the other ranks would otherwise wait for it.
-    """
-    try:
-        return _run_reporting_errors(function, args)
-    except BaseException as err:
-        if not _in_mpi_job(args):
-            raise
-        # Here only with --debug, or for an unexpected error.
-        import traceback
-        if getattr(err, "agreed", False):
-            if args.comm.rank == 0:
-                traceback.print_exc()
-            return 3 if isinstance(err, FloatingPointError) else 2
-        traceback.print_exc()
-        args.comm.abort(1)
-        raise
-
-
-def _in_mpi_job(args):
-    comm = getattr(args, "comm", None)
-    return comm is not None and comm.distributed
-
-
-def _report(args, err, code):
-    from .distributed import launched_rank
-    comm = getattr(args, "comm", None)
-    if not _in_mpi_job(args):
-        # (started as several ranks that could not connect, e.g. without mpi4py:
-        # they all meet the same error, and the first says it)
-        if launched_rank() == 0:
-            print(f"femtogpt: error: {err}", file=sys.stderr)
-        return code
-    if getattr(err, "agreed", False):
-        if comm.rank == 0:
-            print(f"femtogpt: error: {err}", file=sys.stderr)
-        return code
-    print(f"femtogpt: error on rank {comm.rank}: {err}; stopping all ranks",
-          file=sys.stderr, flush=True)
-    comm.abort(code)
-    return code
-
-
-def _run_reporting_errors(function, args):
-    try:
-        return function(args)
-    except FemtoGPTError as err:
-        if getattr(args, "debug", False):
-            raise
-        return _report(args, err, 2)
-    except FloatingPointError as err:
-        if getattr(args, "debug", False):
-            raise
-        return _report(args, err, 3)
-    except BrokenPipeError:
-        # `femtogpt sample | head`: the reader left; not an error.
-        try:
-            sys.stdout = open(os.devnull, "w")
-        except OSError:
-            pass
-        return 0
-    except KeyboardInterrupt:
-        print("femtogpt: interrupted", file=sys.stderr)
-        if _in_mpi_job(args):
-            args.comm.abort(130)
-        return 130
-
-
-def _show_notes():
-    """femtogpt's warnings (an unverifiable old checkpoint...) as one-line notes."""
-    import warnings
-    from .errors import UnverifiedCheckpointWarning
-    default = warnings.showwarning
-
-    def show(message, category, filename, lineno, file=None, line=None):
-        if issubclass(category, UnverifiedCheckpointWarning):
-            print(f"femtogpt: note: {message}", file=sys.stderr)
-        else:
-            default(message, category, filename, lineno, file, line)
-
-    warnings.showwarning = show
-
-
 def main(argv=None):
-    _show_notes()
+    show_notes()
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
