@@ -19,12 +19,14 @@ import json
 import math
 import os
 import shutil
+from dataclasses import replace
 
 import numpy as np
 
 from .rundir import BEST_NAME, LATEST_NAME
 from ..errors import CheckpointError, ConfigError
 from ..model import GPT, GPTConfig
+from ..model.params import PARAMS, present, state_names
 from .tensorfile import TensorFile, save_tensors
 
 CONFIG_NAME = "config.json"
@@ -37,9 +39,9 @@ LAYER_NORM_EPS = 1e-5        # the core's (_core.pyx: LN_EPS), GPT-2's and PyTor
 # gelu_pytorch_tanh are the same tanh formula; gelu is the exact erf form).
 ACTIVATIONS = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh",
                "gelu": "exact"}
-# Conv1D weights, stored (in, out) by Hugging Face.
-TRANSPOSED = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight",
-              ".mlp.c_proj.weight")
+# Conv1D weights, stored (in, out) by Hugging Face: the name endings of the
+# parameter table's transposed rows (".attn.c_attn.weight", ...).
+TRANSPOSED = tuple("." + p.name.split(".", 3)[-1] for p in PARAMS if p.hf_transposed)
 # Buffers that Hugging Face's GPT-2 saves beside its weights: the causal mask.
 SKIPPED = (".attn.bias", ".attn.masked_bias")
 
@@ -251,13 +253,11 @@ def hf_tensors(model) -> dict:
     for name, view in views.items():
         out[name] = np.ascontiguousarray(view.T) if name.endswith(TRANSPOSED) else view
     if not model.config.bias:
-        C, L = model.config.n_embd, model.config.n_layer
-        widths = {"ln_1.bias": C, "attn.c_attn.bias": 3 * C, "attn.c_proj.bias": C,
-                  "ln_2.bias": C, "mlp.c_fc.bias": 4 * C, "mlp.c_proj.bias": C}
-        for layer in range(L):
-            for suffix, width in widths.items():
-                out[f"transformer.h.{layer}.{suffix}"] = np.zeros(width, np.float32)
-        out["transformer.ln_f.bias"] = np.zeros(C, np.float32)
+        have = {p.key for p in present(model.config)}
+        with_bias = replace(model.config, bias=True)
+        for name, p, _ in state_names(with_bias):
+            if p.key not in have:
+                out[name] = np.zeros(p.shape(with_bias), np.float32)
     return out
 
 

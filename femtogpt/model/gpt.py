@@ -18,64 +18,10 @@ import numpy as np
 
 from .. import _core
 from .._threads import pin_blas_to_one_thread
+from . import params
 from .config import GPTConfig
 
 pin_blas_to_one_thread()
-
-_ALIGN = 16   # floats per 64-byte cache line: every tensor starts on one
-
-
-def param_layout(cfg):
-    """[(core key, shape, weight decay)] in memory order; per-layer tensors stacked.
-
-    Without biases (cfg.bias False) the bias tensors are not in the layout at all:
-    no memory, no state_dict entry, no parameter count.
-    """
-    V, T, L, C = cfg.vocab_size, cfg.block_size, cfg.n_layer, cfg.n_embd
-    return [entry for entry in _full_layout(V, T, L, C)
-            if cfg.bias or entry[0] not in _core.BIAS_KEYS]
-
-
-def _full_layout(V, T, L, C):
-    return [
-        # rank >= 2: weight decay
-        ("wte", (V, C), True),
-        ("wpe", (T, C), True),
-        ("qkvw", (L, 3 * C, C), True),
-        ("attprojw", (L, C, C), True),
-        ("fcw", (L, 4 * C, C), True),
-        ("fcprojw", (L, C, 4 * C), True),
-        # rank 1: no weight decay
-        ("ln1w", (L, C), False),
-        ("ln1b", (L, C), False),
-        ("qkvb", (L, 3 * C), False),
-        ("attprojb", (L, C), False),
-        ("ln2w", (L, C), False),
-        ("ln2b", (L, C), False),
-        ("fcb", (L, 4 * C), False),
-        ("fcprojb", (L, C), False),
-        ("lnfw", (C,), False),
-        ("lnfb", (C,), False),
-    ]
-
-
-# nanoGPT's name for each layer's slice of a stacked tensor.
-_LAYER_NAMES = {
-    "ln1w": "ln_1.weight", "ln1b": "ln_1.bias",
-    "qkvw": "attn.c_attn.weight", "qkvb": "attn.c_attn.bias",
-    "attprojw": "attn.c_proj.weight", "attprojb": "attn.c_proj.bias",
-    "ln2w": "ln_2.weight", "ln2b": "ln_2.bias",
-    "fcw": "mlp.c_fc.weight", "fcb": "mlp.c_fc.bias",
-    "fcprojw": "mlp.c_proj.weight", "fcprojb": "mlp.c_proj.bias",
-}
-_GLOBAL_NAMES = {
-    "wte": "transformer.wte.weight", "wpe": "transformer.wpe.weight",
-    "lnfw": "transformer.ln_f.weight", "lnfb": "transformer.ln_f.bias",
-}
-# The order of state_dict(): nanoGPT's.
-_LAYER_ORDER = ("ln1w", "ln1b", "qkvw", "qkvb", "attprojw", "attprojb",
-                "ln2w", "ln2b", "fcw", "fcb", "fcprojw", "fcprojb")
-
 
 def _check_tokens(name, arr, cfg, shape=None):
     """An integer array (B, T) of ids in [0, vocab_size), 1 <= T <= block_size."""
@@ -118,13 +64,9 @@ class GPT:
             raise TypeError(f"config must be a GPTConfig, got {type(config).__name__}")
         self.config = config
         self.training = True
-        self._layout = param_layout(config)
-        offsets, n_total, self.n_decay = {}, 0, 0
-        for key, shape, decay in self._layout:
-            offsets[key] = n_total
-            n_total += -(-int(np.prod(shape)) // _ALIGN) * _ALIGN
-            if decay:
-                self.n_decay = n_total
+        # The parameter block's layout, from the one parameter table (params.py).
+        offsets, n_total, self.n_decay = params.layout(config)
+        self._shapes = {p.key: p.stacked_shape(config) for p in params.present(config)}
         # Both blocks end with GRAD_TAIL spare floats that no kernel touches: a
         # distributed trainer writes a few scalars (its loss, a stop request) into
         # the gradient block's tail, so that one allreduce sums them with the
@@ -154,19 +96,12 @@ class GPT:
 
     def _stacked_views(self, flat, offsets):
         return {key: flat[offsets[key]:offsets[key] + int(np.prod(shape))].reshape(shape)
-                for key, shape, _ in self._layout}
+                for key, shape in self._shapes.items()}
 
     def _named_views(self, stacked):
-        views = {"transformer.wte.weight": stacked["wte"],
-                 "transformer.wpe.weight": stacked["wpe"]}
-        for i in range(self.config.n_layer):
-            for key in _LAYER_ORDER:
-                if key in stacked:
-                    views[f"transformer.h.{i}.{_LAYER_NAMES[key]}"] = stacked[key][i]
-        views["transformer.ln_f.weight"] = stacked["lnfw"]
-        if "lnfb" in stacked:
-            views["transformer.ln_f.bias"] = stacked["lnfb"]
-        return views
+        # nanoGPT's names, in its state_dict order; a layer's tensor is its slice.
+        return {name: stacked[p.key] if layer is None else stacked[p.key][layer]
+                for name, p, layer in params.state_names(self.config)}
 
     def named_views(self, flat):
         """{name: view} into any flat array laid out like params_flat (e.g. AdamW moments)."""
@@ -178,15 +113,14 @@ class GPT:
         # nanoGPT: every weight N(0, 0.02), residual projections N(0, 0.02/sqrt(2L)),
         # biases 0, LayerNorm weights 1. Filled in state_dict order from one stream.
         rng = np.random.default_rng(seed)
-        proj_std = 0.02 / np.sqrt(2 * self.config.n_layer)
+        std = {"normal": 0.02, "proj": 0.02 / np.sqrt(2 * self.config.n_layer)}
         self.params_flat[:] = 0.0
-        for name, view in self._named_params.items():
-            if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+        for name, p, _ in params.state_names(self.config):
+            view = self._named_params[name]
+            if p.init == "ones":
                 view[...] = 1.0
-            elif name.endswith("c_proj.weight"):
-                view[...] = rng.standard_normal(view.shape, dtype=np.float32) * proj_std
-            elif name.endswith("weight"):
-                view[...] = rng.standard_normal(view.shape, dtype=np.float32) * 0.02
+            elif p.init in std:
+                view[...] = rng.standard_normal(view.shape, dtype=np.float32) * std[p.init]
 
     # -- state ----------------------------------------------------------------------
 
