@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import femtogpt
-from femtogpt.text import corpus, token_cache
+from femtogpt.text import cache_build, corpus, token_cache, token_files
 from femtogpt.app.cli import main
 from femtogpt.errors import DataError
 from femtogpt.text.token_cache import MANIFEST, open_tokens
@@ -256,7 +256,7 @@ def test_a_damaged_cache_is_rebuilt_not_trusted(tmp_path, damage):
 
 def test_a_source_that_changes_while_it_is_prepared_is_refused(tmp_path, monkeypatch):
     write_corpus(tmp_path / "c")
-    real = token_cache._encode_corpus
+    real = cache_build._encode_corpus
 
     def edit_then_encode(sources, *args):
         with open(sources[1].path, "r+b") as f:        # same size, new content
@@ -264,7 +264,7 @@ def test_a_source_that_changes_while_it_is_prepared_is_refused(tmp_path, monkeyp
             f.write(b"X")
         return real(sources, *args)
 
-    monkeypatch.setattr(token_cache, "_encode_corpus", edit_then_encode)
+    monkeypatch.setattr(cache_build, "_encode_corpus", edit_then_encode)
     with pytest.raises(DataError, match="part1.txt changed while it was being prepared"):
         prepare(tmp_path / "c", tmp_path / "cache")
     assert not os.path.exists(tmp_path / "cache") or not any(
@@ -280,7 +280,7 @@ def test_disk_full_while_writing_leaves_no_entry(tmp_path, monkeypatch):
     def full(self):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(token_cache._IdWriter, "_flush", full)
+    monkeypatch.setattr(token_files._IdWriter, "_flush", full)
     with pytest.raises(DataError, match="cannot write the token cache in .*: No space left"):
         prepare(tmp_path / "c", tmp_path / "cache")
     monkeypatch.undo()
