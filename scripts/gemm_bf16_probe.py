@@ -1,0 +1,608 @@
+"""Test and time femtogpt/kernels/gemm_bf16.h on its own, before the core uses it.
+
+    python scripts/gemm_bf16_probe.py            # checks, then timings (about a minute)
+    python scripts/gemm_bf16_probe.py --check    # checks only
+    python scripts/gemm_bf16_probe.py --time     # timings only
+    python scripts/gemm_bf16_probe.py --time --reps 7 --shapes fwd
+
+It compiles the header into a small shared library with gcc (flags as
+setup.py gives the core, once per x86-64 level), calls it through ctypes on
+numpy arrays, and
+  - checks every path this CPU runs against numpy: the bf16 rounding bit for
+    bit; each product against the contract's summation order emulated in
+    numpy float32 (bit for bit), and against float64 on the bf16 inputs
+    (within a float32 summation bound), for NN/NT/TN, odd sizes, strides,
+    alpha and beta;
+  - times, on one thread, the GPT-2 124M products at B*T = 4*256 rows
+    against scipy's float32 sgemm (OpenBLAS, the core's fp32 front) and
+    against the CPU's bf16 roof, medians of --reps runs.
+tests/test_gemm_bf16.py imports this file for the same checks under pytest.
+"""
+import argparse
+import ctypes
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+KERNELS = os.path.join(HERE, "..", "femtogpt", "kernels")
+
+PORTABLE, AVX512BF16, AMX = 1, 2, 3
+PATH_NAMES = {PORTABLE: "portable", AVX512BF16: "avx512bf16", AMX: "amx"}
+
+# setup.py's COMPILE_ARGS, so the probe times the code the core will run.
+CFLAGS = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared"]
+
+WRAPPER = r"""
+#include "gemm_bf16.h"
+#include <time.h>
+
+int probe_force(int path) { return gemm_bf16_force(path); }
+int probe_path(void) { return gemm_bf16_path(); }
+int probe_available(int path) { return gemm_bf16_available(path); }
+void probe_from_f32(uint16_t* out, const float* inp, size_t n) { bf16_from_f32(out, inp, n); }
+void probe_to_f32(float* out, const uint16_t* inp, size_t n) { bf16_to_f32(out, inp, n); }
+size_t probe_scratch_size(int M, int N, int K, int b_packed) { return gemm_bf16_scratch_size(M, N, K, b_packed); }
+size_t probe_packed_b_size(int N, int K) { return gemm_bf16_packed_b_size(N, K); }
+void probe_pack_b(uint16_t* packed, int trans_b, int N, int K, const float* B, int ldb)
+{ gemm_bf16_pack_b(packed, trans_b, N, K, B, ldb); }
+void probe_gemm(int ta, int tb, int M, int N, int K, float alpha, const float* A, int lda,
+                const float* B, int ldb, float beta, float* C, int ldc, void* scratch)
+{ gemm_bf16(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, scratch); }
+void probe_gemm_packed(int ta, int M, int N, int K, float alpha, const float* A, int lda,
+                       const uint16_t* Bp, float beta, float* C, int ldc, void* scratch)
+{ gemm_bf16_packed(ta, M, N, K, alpha, A, lda, Bp, beta, C, ldc, scratch); }
+unsigned probe_mxcsr(void) {
+#if defined(__x86_64__)
+    return _mm_getcsr();
+#else
+    return 0;
+#endif
+}
+
+/* Seconds for n iterations of 4 dependent 1-cycle adds: the core's clock. */
+double probe_clock_chain(long n)
+{
+    struct timespec t0, t1;
+    long x = 0;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    for (long i = 0; i < n; i++)
+        __asm__ volatile("add $1, %0\n\tadd $1, %0\n\tadd $1, %0\n\tadd $1, %0" : "+r"(x));
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    return (t1.tv_sec - t0.tv_sec) + 1e-9 * (t1.tv_nsec - t0.tv_nsec);
+}
+
+#if defined(__x86_64__)
+/* Seconds for n rounds of 24 independent zmm vdpbf16ps (64 FLOP each) on
+ * registers only: the measured roof of the bf16 unit. */
+GEMM_BF16_AVX512_TARGET double probe_peak_dpbf16(long n)
+{
+    struct timespec t0, t1;
+    __m512 c[24];
+    for (int i = 0; i < 24; i++) c[i] = _mm512_setzero_ps();
+    __m512bh a = (__m512bh)_mm512_set1_epi32(0x3f803f80), b = (__m512bh)_mm512_set1_epi32(0x00010001);
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    for (long t = 0; t < n; t++) {
+#pragma GCC unroll 24
+        for (int i = 0; i < 24; i++) c[i] = _mm512_dpbf16_ps(c[i], a, b);
+        __asm__ volatile("" : : "v"(a), "v"(b));
+    }
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    volatile float sink = 0;
+    for (int i = 0; i < 24; i++) sink += _mm512_reduce_add_ps(c[i]);
+    (void)sink;
+    return (t1.tv_sec - t0.tv_sec) + 1e-9 * (t1.tv_nsec - t0.tv_nsec);
+}
+#else
+double probe_peak_dpbf16(long n) { (void)n; return -1.0; }
+#endif
+"""
+
+# The levels setup.py builds the core for on x86-64 (the header's AVX-512
+# and AMX functions carry their own target attributes, so they are in each).
+LEVELS = ["x86-64", "x86-64-v4"] if platform.machine().lower() in ("x86_64", "amd64") else [None]
+
+F32P = ctypes.POINTER(ctypes.c_float)
+U16P = ctypes.POINTER(ctypes.c_uint16)
+
+
+class BuildError(RuntimeError):
+    pass
+
+
+class Lib:
+    """The header compiled at one -march level, with numpy-facing calls."""
+
+    def __init__(self, path, level):
+        self.level = level
+        self.so = ctypes.CDLL(path)
+        s = self.so
+        i, f, sz, vp = ctypes.c_int, ctypes.c_float, ctypes.c_size_t, ctypes.c_void_p
+        for name, res, args in [
+            ("probe_force", i, [i]), ("probe_path", i, []), ("probe_available", i, [i]),
+            ("probe_from_f32", None, [U16P, F32P, sz]), ("probe_to_f32", None, [F32P, U16P, sz]),
+            ("probe_scratch_size", sz, [i, i, i, i]), ("probe_packed_b_size", sz, [i, i]),
+            ("probe_pack_b", None, [U16P, i, i, i, F32P, i]),
+            ("probe_gemm", None, [i, i, i, i, i, f, F32P, i, F32P, i, f, F32P, i, vp]),
+            ("probe_gemm_packed", None, [i, i, i, i, f, F32P, i, U16P, f, F32P, i, vp]),
+            ("probe_mxcsr", ctypes.c_uint, []),
+            ("probe_clock_chain", ctypes.c_double, [ctypes.c_long]),
+            ("probe_peak_dpbf16", ctypes.c_double, [ctypes.c_long]),
+        ]:
+            fn = getattr(s, name)
+            fn.restype, fn.argtypes = res, args
+        self._scratch = np.zeros(0, np.uint8)
+
+    def available(self, path):
+        return bool(self.so.probe_available(path))
+
+    def force(self, path):
+        """Force `path` for the following calls (0 = auto); returns the path in force."""
+        got = self.so.probe_force(path)
+        if got < 0:
+            raise RuntimeError(f"path {path} does not run on this CPU")
+        return got
+
+    def from_f32(self, x):
+        x = np.ascontiguousarray(x, np.float32)
+        out = np.empty(x.shape, np.uint16)
+        self.so.probe_from_f32(out.ctypes.data_as(U16P), x.ctypes.data_as(F32P), x.size)
+        return out
+
+    def to_f32(self, h):
+        h = np.ascontiguousarray(h, np.uint16)
+        out = np.empty(h.shape, np.float32)
+        self.so.probe_to_f32(out.ctypes.data_as(F32P), h.ctypes.data_as(U16P), h.size)
+        return out
+
+    def scratch(self, M, N, K, b_packed):
+        n = self.so.probe_scratch_size(M, N, K, int(b_packed))
+        if self._scratch.size < n:
+            self._scratch = np.zeros(n, np.uint8)
+        return self._scratch.ctypes.data_as(ctypes.c_void_p)
+
+    def pack_b(self, B, trans_b, N, K, ldb=None):
+        ldb = B.shape[1] if ldb is None else ldb
+        packed = np.empty(self.so.probe_packed_b_size(N, K), np.uint16)
+        self.so.probe_pack_b(packed.ctypes.data_as(U16P), int(trans_b), N, K,
+                             B.ctypes.data_as(F32P), ldb)
+        return packed
+
+    def gemm(self, ta, tb, M, N, K, alpha, A, B, beta, C, lda=None, ldb=None, ldc=None):
+        """C (in place) = alpha op(A) op(B) + beta C; strides default to the arrays' rows."""
+        lda = A.shape[1] if lda is None else lda
+        ldb = B.shape[1] if ldb is None else ldb
+        ldc = C.shape[1] if ldc is None else ldc
+        self.so.probe_gemm(int(ta), int(tb), M, N, K, alpha, A.ctypes.data_as(F32P), lda,
+                           B.ctypes.data_as(F32P), ldb, beta, C.ctypes.data_as(F32P), ldc,
+                           self.scratch(M, N, K, False))
+
+    def gemm_packed(self, ta, M, N, K, alpha, A, Bp, beta, C, lda=None, ldc=None):
+        lda = A.shape[1] if lda is None else lda
+        ldc = C.shape[1] if ldc is None else ldc
+        self.so.probe_gemm_packed(int(ta), M, N, K, alpha, A.ctypes.data_as(F32P), lda,
+                                  Bp.ctypes.data_as(U16P), beta, C.ctypes.data_as(F32P), ldc,
+                                  self.scratch(M, N, K, True))
+
+
+def find_cc():
+    for cc in (os.environ.get("CC"), "gcc", "cc"):
+        if not cc:
+            continue
+        try:
+            subprocess.run([cc, "--version"], capture_output=True, check=True)
+            return cc
+        except (OSError, subprocess.CalledProcessError):
+            continue
+    return None
+
+
+def build(outdir, level=None, cc=None):
+    """Compile the header with the wrapper into outdir; returns a Lib."""
+    cc = cc or find_cc()
+    if cc is None:
+        raise BuildError("no C compiler (gcc or cc) found")
+    src = os.path.join(outdir, "gemm_bf16_probe.c")
+    name = "gemm_bf16_" + (level or "plain").replace("-", "_") + ".so"
+    so = os.path.join(outdir, name)
+    with open(src, "w") as f:
+        f.write(WRAPPER)
+    cmd = [cc, *CFLAGS, *([f"-march={level}"] if level else []),
+           "-I", os.path.abspath(KERNELS), src, "-o", so, "-lm"]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise BuildError(f"{' '.join(cmd)} failed:\n{res.stderr}")
+    return Lib(so, level)
+
+
+# ---------------------------------------------------------------------------
+# numpy references
+# ---------------------------------------------------------------------------
+
+def bf16_round_ref(x):
+    """Round to nearest even float32 -> bf16 bits (uint16), NaN quiet, denormals kept."""
+    u = np.ascontiguousarray(x, np.float32).view(np.uint32).astype(np.uint64)
+    r = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) & 0xFFFF
+    nan = (u & 0x7FFFFFFF) > 0x7F800000
+    r = np.where(nan, (u >> 16) | 0x40, r)
+    return r.astype(np.uint16)
+
+
+def bf16_value(x):
+    """float32 of bf16(x), with bf16 denormals read as zero (what the kernels use)."""
+    h = bf16_round_ref(x).astype(np.uint32)
+    h = np.where((h & 0x7F80) == 0, h & 0x8000, h)
+    return (h << 16).astype(np.uint32).view(np.float32)
+
+
+def op(X, trans, rows, cols):
+    """op(X) as a (rows x cols) array from the stored array (which may have padding)."""
+    return X[:cols, :rows].T if trans else X[:rows, :cols]
+
+
+def reference_f64(ta, tb, M, N, K, alpha, A, B, beta, C0):
+    """float64 product of the bf16 inputs, and the elementwise error bound of a
+    float32 sequential sum: (K + 4) u (|alpha| |A||B| + |beta C|), u = 2^-24."""
+    a = bf16_value(op(A, ta, M, K)).astype(np.float64)
+    b = bf16_value(op(B, tb, K, N)).astype(np.float64)
+    ref = alpha * (a @ b)
+    mag = abs(alpha) * (np.abs(a) @ np.abs(b))
+    if beta != 0:
+        c = C0[:M, :N].astype(np.float64)
+        ref = ref + beta * c
+        mag = mag + abs(beta) * np.abs(c)
+    return ref, (K + 4) * 2.0 ** -24 * mag + 1e-30
+
+
+def reference_order(ta, tb, M, N, K, alpha, A, B, beta, C0):
+    """The contract's order in numpy float32: acc += a[2p+1]b[2p+1]; acc += a[2p]b[2p].
+
+    Exact for alpha a power of two (then alpha*acc is exact, and the fma's one
+    rounding is the float32 rounding of a float64 sum of two float32, which
+    double rounding cannot spoil)."""
+    a = bf16_value(op(A, ta, M, K))
+    b = bf16_value(op(B, tb, K, N))
+    if K % 2:
+        a = np.concatenate([a, np.zeros((M, 1), np.float32)], axis=1)
+        b = np.concatenate([b, np.zeros((1, N), np.float32)], axis=0)
+    acc = np.zeros((M, N), np.float32)
+    with np.errstate(all="ignore"):
+        for p in range(a.shape[1] // 2):
+            acc = acc + np.outer(a[:, 2 * p + 1], b[2 * p + 1])
+            acc = acc + np.outer(a[:, 2 * p], b[2 * p])
+        acc = np.float32(alpha) * acc
+        if beta == 0:
+            return acc
+        t = np.float32(beta) * C0[:M, :N]
+        return (acc.astype(np.float64) + t.astype(np.float64)).astype(np.float32)
+
+
+def operands(rng, ta, tb, M, N, K, pad=0, scale=1.0):
+    """Stored A, B (with `pad` extra columns, so lda/ldb exceed the logical width)."""
+    ash = (K, M) if ta else (M, K)
+    bsh = (N, K) if tb else (K, N)
+    A = (rng.standard_normal((ash[0], ash[1] + pad)) * scale).astype(np.float32)
+    B = (rng.standard_normal((bsh[0], bsh[1] + pad)) * scale).astype(np.float32)
+    return A, B
+
+
+def run(lib, ta, tb, M, N, K, alpha, A, B, beta, C, packed=False, ldc=None):
+    if packed:
+        Bp = lib.pack_b(B, tb, N, K)
+        lib.gemm_packed(ta, M, N, K, alpha, A, Bp, beta, C, ldc=ldc)
+    else:
+        lib.gemm(ta, tb, M, N, K, alpha, A, B, beta, C, ldc=ldc)
+    return C
+
+
+# ---------------------------------------------------------------------------
+# Checks (each raises AssertionError with what differs)
+# ---------------------------------------------------------------------------
+
+SPECIAL = np.array([
+    0.0, -0.0, 1.0, -1.0, np.inf, -np.inf, np.nan, -np.nan,
+    1.0 + 2.0 ** -8,                  # a tie below: rounds down to the even 1.0
+    1.0 + 3 * 2.0 ** -8,              # a tie above an odd kept half: rounds up to 1 + 2^-6
+    1.0 + 2.0 ** -8 + 2.0 ** -23,     # just above a tie: rounds up
+    np.finfo(np.float32).max,         # rounds up to inf
+    np.finfo(np.float32).tiny,        # smallest normal
+    2.0 ** -149, 2.0 ** -130,         # denormals (kept by the rounding)
+    np.float32(0x007FFFFF * 2.0 ** -149),  # largest denormal: rounds up to the smallest normal
+    3.0e38, -2.5, 65504.0, 1e-20,
+], np.float32)
+SPECIAL_BITS = np.array([0x7F800001, 0xFF800001, 0x7FBFFFFF, 0x7FFFFFFF, 0xFFFFFFFF,
+                         0x7F7F8000, 0x3F808000, 0x3F818000, 0x00008000, 0x80018000],
+                        np.uint32).view(np.float32)
+
+
+def check_rounding(lib):
+    """bf16_from_f32 against the numpy RNE on special values and 2^20 random bit patterns."""
+    rng = np.random.default_rng(0)
+    x = np.concatenate([SPECIAL, SPECIAL_BITS,
+                        rng.integers(0, 2 ** 32, 1 << 20, dtype=np.uint64).astype(np.uint32).view(np.float32)])
+    got, want = lib.from_f32(x), bf16_round_ref(x)
+    bad = np.nonzero(got != want)[0]
+    assert bad.size == 0, (f"{bad.size} roundings differ, first: {x.view(np.uint32)[bad[0]]:#010x} "
+                           f"-> {got[bad[0]]:#06x}, want {want[bad[0]]:#06x}")
+    nan = np.isnan(x)
+    assert np.isnan(lib.to_f32(got)[nan]).all(), "a NaN rounded to a non-NaN"
+    back = lib.to_f32(got)
+    assert (back.view(np.uint32) == got.astype(np.uint32) << 16).all(), "bf16_to_f32 is not the top half"
+    # the values a wrong rounding (truncation, ties away) would get wrong
+    r = lib.to_f32(lib.from_f32(np.array([1 + 2 ** -8, 1 + 3 * 2 ** -8, -(1 + 2 ** -8)], np.float32)))
+    assert list(r) == [1.0, 1 + 2 ** -6, -1.0], r
+    return x.size
+
+
+def check_product(lib, ta, tb, M, N, K, alpha=1.0, beta=0.0, pad=0, packed=False, seed=0,
+                  exact=None):
+    """One product against float64 (bound) and, where alpha is a power of two,
+    the contract's order in float32 bit for bit. C starts as NaN when beta == 0
+    (BLAS does not read it then) and has a padded stride."""
+    rng = np.random.default_rng(seed)
+    A, B = operands(rng, ta, tb, M, N, K, pad)
+    ldc = N + pad + 3
+    C0 = rng.standard_normal((M, ldc)).astype(np.float32)
+    if beta == 0:
+        C0[:, :N] = np.nan
+    C = C0.copy()
+    run(lib, ta, tb, M, N, K, alpha, A, B, beta, C, packed=packed, ldc=ldc)
+    where = f"{'NT'[ta]}{'NT'[tb]} M={M} N={N} K={K} alpha={alpha} beta={beta} pad={pad} packed={packed}"
+    assert np.array_equal(C[:, N:], C0[:, N:]), f"{where}: wrote past N (into ldc padding)"
+    got = C[:, :N]
+    assert np.isfinite(got).all(), f"{where}: non-finite output"
+    ref, tol = reference_f64(ta, tb, M, N, K, alpha, A, B, beta, C0)
+    err = np.abs(got - ref)
+    assert (err <= tol).all(), f"{where}: max error {err.max():.3g}, bound {tol.ravel()[err.argmax()]:.3g}"
+    if exact is None:
+        exact = alpha != 0 and np.log2(abs(alpha)) == int(np.log2(abs(alpha))) and M * N * K <= 2 ** 27
+    if exact:
+        want = reference_order(ta, tb, M, N, K, alpha, A, B, beta, C0)
+        diff = np.nonzero(got.view(np.uint32) != want.view(np.uint32))
+        assert diff[0].size == 0, (f"{where}: {diff[0].size} elements differ from the contract's order, "
+                                   f"first {got[diff[0][0], diff[1][0]]!r} vs {want[diff[0][0], diff[1][0]]!r}")
+    return float(err.max())
+
+
+SIZES = [(1, 1, 1), (7, 33, 65), (33, 7, 127), (65, 127, 33), (127, 65, 7), (1, 768, 65),
+         (13, 31, 768), (25, 97, 3072), (96, 64, 2), (12, 32, 32), (97, 33, 129)]
+
+
+def check_path(lib, path, quick=False):
+    """All checks for one path; returns how many products were checked."""
+    lib.force(path)
+    n = 0
+    try:
+        for ta, tb in [(0, 1), (0, 0), (1, 0), (1, 1)]:
+            for i, (M, N, K) in enumerate(SIZES[:5] if quick else SIZES):
+                for packed in (False, True):
+                    check_product(lib, ta, tb, M, N, K, pad=i % 3 * 5, packed=packed, seed=i)
+                    n += 1
+            check_product(lib, ta, tb, 37, 45, 51, alpha=-0.5, beta=1.0, pad=3, seed=7)
+            check_product(lib, ta, tb, 37, 45, 51, alpha=2.0, beta=-0.75, seed=8)
+            check_product(lib, ta, tb, 37, 45, 51, alpha=0.7, beta=0.3, seed=9)
+            n += 3
+        if not quick:
+            # the big GPT-2 shapes, sliced: K of 768 and 3072 in full
+            check_product(lib, 0, 1, 100, 70, 3072, seed=11)
+            check_product(lib, 0, 0, 70, 100, 768, beta=1.0, seed=12)
+            check_product(lib, 1, 0, 130, 40, 1024, beta=1.0, seed=13)
+            n += 3
+    finally:
+        lib.force(0)
+    return n
+
+
+def check_same_bits(lib, paths, seed=3):
+    """Every path that this build runs gives the same bits (AMX excepted: own order)."""
+    rng = np.random.default_rng(seed)
+    outs = {}
+    for path in paths:
+        lib.force(path)
+        try:
+            res = []
+            for ta, tb, M, N, K in [(0, 1, 61, 77, 3072), (0, 0, 50, 90, 333), (1, 0, 45, 64, 1024)]:
+                r = np.random.default_rng(seed + M)
+                A, B = operands(r, ta, tb, M, N, K)
+                C = r.standard_normal((M, N)).astype(np.float32)
+                res.append(run(lib, ta, tb, M, N, K, 0.37, A, B, 1.25, C))
+            outs[path] = res
+        finally:
+            lib.force(0)
+    base = outs[paths[0]]
+    for path in paths[1:]:
+        for x, y in zip(base, outs[path]):
+            assert np.array_equal(x.view(np.uint32), y.view(np.uint32)), \
+                f"{PATH_NAMES[path]} differs from {PATH_NAMES[paths[0]]} in bits"
+    del rng
+
+
+def check_edges(lib, path):
+    """NaN/inf propagate, inputs are rounded (ties included), denormals read as zero,
+    alpha == 0 reads neither A nor B, MXCSR is restored."""
+    lib.force(path)
+    try:
+        csr = lib.so.probe_mxcsr()
+        M, N, K = 5, 40, 9
+        A = np.full((M, K), 1 + 2 ** -8, np.float32)          # tie: bf16 1.0
+        B = np.full((K, N), 1 + 2 ** -8 + 2 ** -20, np.float32)  # above tie: bf16 1 + 2^-7
+        C = np.full((M, N), np.nan, np.float32)
+        run(lib, 0, 0, M, N, K, 1.0, A, B, 0.0, C)
+        assert (C == K * (1 + 2 ** -7)).all(), f"inputs not rounded to bf16: {C[0, 0]!r}"
+        assert lib.so.probe_mxcsr() == csr, "MXCSR not restored"
+        # NaN in A row 2 and inf in B column 3 reach exactly their row and column
+        A = np.ones((M, K), np.float32)
+        B = np.ones((K, N), np.float32)
+        A[2, 4] = np.nan
+        B[6, 3] = np.inf
+        C = np.zeros((M, N), np.float32)
+        run(lib, 0, 0, M, N, K, 1.0, A, B, 0.0, C, packed=True)
+        assert np.isnan(C[2]).all() and np.isinf(np.delete(C[:, 3], 2)).all()
+        mask = np.ones((M, N), bool)
+        mask[2] = False
+        mask[:, 3] = False
+        assert (C[mask] == K).all()
+        # denormal inputs count as zero: 2^-130 * 2^100 would be 2^-30 otherwise
+        A = np.full((M, K), 2.0 ** -130, np.float32)
+        B = np.full((K, N), 2.0 ** 100, np.float32)
+        C = np.ones((M, N), np.float32)
+        run(lib, 0, 0, M, N, K, 1.0, A, B, 0.0, C)
+        assert (C == 0).all(), f"bf16 denormal not read as zero: {C[0, 0]!r}"
+        # alpha == 0: C = beta C, A and B not read (NaN there would show)
+        A[:] = np.nan
+        C = np.full((M, N), 3.0, np.float32)
+        run(lib, 0, 0, M, N, K, 0.0, A, B, 0.5, C)
+        assert (C == 1.5).all()
+        run(lib, 0, 0, M, N, K, 0.0, A, B, 0.0, C)
+        assert (C == 0).all()
+        # beta != 0 reads C: a NaN there stays
+        A[:] = 1
+        C = np.zeros((M, N), np.float32)
+        C[1, 1] = np.nan
+        run(lib, 0, 0, M, N, K, 1.0, A, B * 0 + 1, 1.0, C)
+        assert np.isnan(C[1, 1]) and np.isfinite(np.delete(C.ravel(), M * 0 + N + 1)).all()
+    finally:
+        lib.force(0)
+
+
+def runnable_paths(lib):
+    return [p for p in (PORTABLE, AVX512BF16, AMX) if lib.available(p)]
+
+
+def run_checks(libs, out=print):
+    for lib in libs:
+        n = check_rounding(lib)
+        out(f"[{lib.level}] rounding: {n} values bit-identical to numpy RNE")
+        paths = runnable_paths(lib)
+        for path in paths:
+            t = time.perf_counter()
+            n = check_path(lib, path)
+            check_edges(lib, path)
+            out(f"[{lib.level}] {PATH_NAMES[path]}: {n} products within the float64 bound "
+                f"and bit-identical to the contract's order; edge cases ok ({time.perf_counter() - t:.1f} s)")
+        same = [p for p in paths if p != AMX]
+        if len(same) > 1:
+            check_same_bits(lib, same)
+            out(f"[{lib.level}] {' = '.join(PATH_NAMES[p] for p in same)}: bit-identical")
+        for path in (AVX512BF16, AMX):
+            if path not in paths:
+                out(f"[{lib.level}] {PATH_NAMES[path]}: not run, this CPU does not have it")
+
+
+# ---------------------------------------------------------------------------
+# Timings
+# ---------------------------------------------------------------------------
+
+C_, N_ROWS = 768, 4 * 256
+SHAPES = {  # name: (trans_a, trans_b, M, N, K)
+    "fwd": [("qkv   x@W^T", 0, 1, N_ROWS, 3 * C_, C_), ("proj  x@W^T", 0, 1, N_ROWS, C_, C_),
+            ("fc    x@W^T", 0, 1, N_ROWS, 4 * C_, C_), ("fcprj x@W^T", 0, 1, N_ROWS, C_, 4 * C_)],
+    "dx": [("qkv   dy@W", 0, 0, N_ROWS, C_, 3 * C_), ("fc    dy@W", 0, 0, N_ROWS, C_, 4 * C_),
+           ("fcprj dy@W", 0, 0, N_ROWS, 4 * C_, C_)],
+    "dw": [("qkv   dy^T@x", 1, 0, 3 * C_, C_, N_ROWS), ("proj  dy^T@x", 1, 0, C_, C_, N_ROWS),
+           ("fc    dy^T@x", 1, 0, 4 * C_, C_, N_ROWS), ("fcprj dy^T@x", 1, 0, C_, 4 * C_, N_ROWS)],
+}
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def clock_ghz(lib):
+    """Median over 5 runs of a chain of dependent adds (1 cycle each): the clock
+    this core runs at under load (turbo included), which cpuinfo's MHz is not."""
+    n = 20_000_000
+    lib.so.probe_clock_chain(n)  # wake the core up
+    return float(np.median([4 * n / lib.so.probe_clock_chain(n) / 1e9 for _ in range(5)]))
+
+
+def median_time(fn, reps):
+    fn()
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return float(np.median(ts))
+
+
+def run_timings(lib, groups, reps, portable, out=print):
+    from scipy.linalg import blas
+    from threadpoolctl import threadpool_limits
+
+    ghz = clock_ghz(lib)
+    peak_t = lib.so.probe_peak_dpbf16(10_000_000) if lib.available(AVX512BF16) else -1
+    out(f"CPU: {cpu_name()}; one thread; build -march={lib.level}")
+    out(f"clock {ghz:.2f} GHz (median of 5 chains of dependent adds); "
+        f"bf16 roof 64 FLOP/cycle (one zmm vdpbf16ps per cycle) = {64 * ghz:.0f} GFLOP/s; "
+        f"fp32 FMA roof 32 FLOP/cycle = {32 * ghz:.0f} GFLOP/s")
+    if peak_t > 0:
+        out(f"measured vdpbf16ps peak (24 register chains): {10_000_000 * 24 * 64 / peak_t / 1e9:.0f} GFLOP/s")
+    out(f"GFLOP/s, median of {reps}. bf16 = gemm_bf16 (packs A and B each call), "
+        f"bf16 pk = gemm_bf16_packed (B packed beforehand, as the core will do for weights)")
+    hdr = f"{'shape':14s} {'M':>5s} {'N':>5s} {'K':>5s} {'sgemm':>7s} {'bf16':>7s} {'bf16 pk':>7s} {'x sgemm':>7s} {'% roof':>6s}"
+    if portable:
+        hdr += f" {'portable':>8s}"
+    out(hdr)
+    rng = np.random.default_rng(0)
+    rows = []
+    with threadpool_limits(limits=1, user_api="blas"):
+        for g in groups:
+            for name, ta, tb, M, N, K in SHAPES[g]:
+                A, B = operands(rng, ta, tb, M, N, K)
+                C = np.zeros((M, N), np.float32)
+                flop = 2.0 * M * N * K
+                Ct = np.zeros((N, M), np.float32, order="F")
+                # row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T
+                t_s = median_time(lambda: blas.sgemm(1.0, B.T, A.T, beta=0.0, c=Ct, trans_a=tb,
+                                                     trans_b=ta, overwrite_c=1), reps)
+                res = [flop / t_s / 1e9]
+                lib.force(AVX512BF16 if lib.available(AVX512BF16) else PORTABLE)
+                res.append(flop / median_time(lambda: lib.gemm(ta, tb, M, N, K, 1.0, A, B, 0.0, C), reps) / 1e9)
+                Bp = lib.pack_b(B, tb, N, K)
+                res.append(flop / median_time(lambda: lib.gemm_packed(ta, M, N, K, 1.0, A, Bp, 0.0, C), reps) / 1e9)
+                line = (f"{name:14s} {M:5d} {N:5d} {K:5d} {res[0]:7.1f} {res[1]:7.1f} {res[2]:7.1f} "
+                        f"{res[1] / res[0]:7.2f} {100 * res[1] / (64 * ghz):6.0f}")
+                if portable:
+                    lib.force(PORTABLE)
+                    res.append(flop / median_time(lambda: lib.gemm(ta, tb, M, N, K, 1.0, A, B, 0.0, C), 1) / 1e9)
+                    line += f" {res[3]:8.1f}"
+                lib.force(0)
+                out(line)
+                rows.append((name, M, N, K, *res))
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--check", action="store_true", help="run the checks only")
+    ap.add_argument("--time", action="store_true", help="run the timings only")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--shapes", default="fwd,dx,dw", help="comma list of: fwd, dx, dw")
+    ap.add_argument("--portable", action="store_true", help="also time the portable path (slow)")
+    ap.add_argument("--level", default="x86-64-v4", help="-march of the timed build (the core's v4 build runs on this CPU)")
+    args = ap.parse_args(argv)
+    both = not args.check and not args.time
+    with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp:
+        if args.check or both:
+            run_checks([build(tmp, level) for level in LEVELS])
+        if args.time or both:
+            level = args.level if LEVELS != [None] else None
+            run_timings(build(tmp, level), args.shapes.split(","), args.reps, args.portable)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
