@@ -105,7 +105,7 @@ double probe_peak_dpbf16(long n) { (void)n; return -1.0; }
 
 # The levels setup.py builds the core for on x86-64 (the header's AVX-512
 # and AMX functions carry their own target attributes, so they are in each).
-LEVELS = ["x86-64", "x86-64-v4"] if platform.machine().lower() in ("x86_64", "amd64") else [None]
+LEVELS = ["x86-64", "x86-64-v3", "x86-64-v4"] if platform.machine().lower() in ("x86_64", "amd64") else [None]
 
 F32P = ctypes.POINTER(ctypes.c_float)
 U16P = ctypes.POINTER(ctypes.c_uint16)

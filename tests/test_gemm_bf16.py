@@ -1,7 +1,7 @@
 """The bf16 GEMM kernels (femtogpt/kernels/gemm_bf16.h), built alone with gcc.
 
-The header is compiled as setup.py compiles the core, at the baseline x86-64
-level and at x86-64-v4, by scripts/gemm_bf16_probe.py (whose checks these
+The header is compiled as setup.py compiles the core, at each x86-64 level
+it builds (x86-64, -v3, -v4), by scripts/gemm_bf16_probe.py (whose checks these
 tests run). The portable path runs everywhere; the AVX512_BF16 path where the
 CPU has it; AMX is skipped on a CPU without it (none of the machines that ran
 these tests so far has AMX: that path is untested).
@@ -80,12 +80,15 @@ def test_the_float64_bound_rejects_unrounded_inputs(lib):
 
 
 def test_packed_b_has_the_documented_layout(lib):
-    # packed[j*Kp*32 + p*64 + 2n + i] = bf16(op(B)[2p+i][32j+n]), zeros past N and K
+    # packed[j*Kp*32 + p*64 + 2n + i] = bf16(op(B)[2p+i][32j+n]), zeros past N and K,
+    # bf16 denormals as zeros of their sign
     rng = np.random.default_rng(1)
     N, K = 45, 37
     Kp = 64
     for trans_b in (0, 1):
         B = rng.standard_normal((N, K) if trans_b else (K, N)).astype(np.float32)
+        B[1, 2] = 2.0 ** -130  # a denormal: packed as zero (the bf16 units read it so)
+        B[2, 1] = -(2.0 ** -140)  # packed as -0
         opb = B.T if trans_b else B
         packed = lib.pack_b(B, trans_b, N, K)
         assert packed.size == 64 * Kp
