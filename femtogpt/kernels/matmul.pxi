@@ -1,0 +1,130 @@
+# The linear layer, y = x @ W^T + b (weights stored (out, in), as PyTorch
+# does): batched through the GEMM front (gemm.pxi) in training and prefill,
+# and as one dot product per output for the handful of rows of decoding.
+
+cimport openmp
+from cython.parallel cimport prange
+from libc.string cimport memcpy
+
+
+cdef void fill_rows(float* out, const float* row, Py_ssize_t N, int C) noexcept nogil:
+    # out (N,C): every row a copy of row (C)
+    cdef Py_ssize_t n
+    for n in prange(N, schedule="static"):
+        memcpy(out + n * C, row, C * sizeof(float))
+
+
+cdef void matmul_forward(float* out,
+                         const float* inp, const float* weight, const float* bias,
+                         Py_ssize_t N, int C_in, int C_out) noexcept nogil:
+    # out (N,C_out) = inp (N,C_in) @ weight (C_out,C_in)^T + bias (C_out, or NULL)
+    if bias != NULL:
+        fill_rows(out, bias, N, C_out)
+    gemm_parallel(False, True, <int>N, C_out, C_in, 1.0, inp, C_in, weight, C_in,
+                  1.0 if bias != NULL else 0.0, out, C_out)
+
+
+cdef void bias_backward(float* dbias, const float* dout, Py_ssize_t N, int C) noexcept nogil:
+    # dbias (C) += column sums of dout (N,C)
+    cdef Py_ssize_t n, c, chunk, c0, c1
+    cdef Py_ssize_t n_chunks = (C + COL_CHUNK - 1) // COL_CHUNK
+    cdef const float* dout_row
+    for chunk in prange(n_chunks, schedule="static"):
+        c0 = chunk * COL_CHUNK
+        c1 = c0 + COL_CHUNK
+        if c1 > C:
+            c1 = C
+        for n in range(N):
+            dout_row = dout + n * C
+            for c in range(c0, c1):
+                dbias[c] += dout_row[c]
+
+
+cdef void matmul_backward(float* dinp, float* dweight, float* dbias,
+                          const float* dout, const float* inp, const float* weight,
+                          Py_ssize_t N, int C_in, int C_out) noexcept nogil:
+    # dinp (N,C_in) = dout (N,C_out) @ weight (C_out,C_in)      (written)
+    # dweight (C_out,C_in) += dout^T @ inp;  dbias (C_out) += column sums of dout
+    # dinp may be NULL when the input needs no gradient; dbias NULL when no bias.
+    # The two products are independent and equally large: half the threads take
+    # each, so each shared operand is packed by BLAS once per half, not once per
+    # thread (at 2 threads: one whole product per thread).
+    cdef int n_threads = openmp.omp_get_max_threads()
+    cdef int half = n_threads // 2, item
+    if dinp != NULL and half >= 1:
+        for item in prange(2 * half, schedule="static", num_threads=2 * half):
+            if item < half:
+                gemm_slice(item, half, False, False, <int>N, C_in, C_out, 1.0, dout, C_out,
+                           weight, C_in, 0.0, dinp, C_in)
+            else:
+                gemm_slice(item - half, half, True, False, C_out, C_in, <int>N, 1.0, dout,
+                           C_out, inp, C_in, 1.0, dweight, C_in)
+    else:
+        if dinp != NULL:
+            gemm_parallel(False, False, <int>N, C_in, C_out, 1.0, dout, C_out, weight, C_in,
+                          0.0, dinp, C_in)
+        gemm_parallel(True, False, C_out, C_in, <int>N, 1.0, dout, C_out, inp, C_in,
+                      1.0, dweight, C_in)
+    if dbias != NULL:
+        bias_backward(dbias, dout, N, C_out)
+
+
+DEF MATVEC_PARALLEL_MIN = 262144  # multiply-adds below which one thread beats a fork
+
+
+cdef void matvec_forward(float* out, const float* inp, const float* weight,
+                         const float* bias, int B, int C_in, int C_out) noexcept nogil:
+    # matmul_forward for a handful of rows (decoding): out (B,C_out) =
+    # inp (B,C_in) @ weight^T + bias. sgemm's fixed cost per call is larger than
+    # this much work, so it is a dot product per output. At batch 1 decoding
+    # reads every weight once per token, so it is bound by memory bandwidth:
+    # the outputs are split over the threads in contiguous blocks, each thread
+    # streaming its own rows of the weight. Each output is one thread's dot
+    # product, so the result does not depend on the thread count.
+    cdef Py_ssize_t b, o
+    cdef bint parallel = <Py_ssize_t>C_out * C_in >= MATVEC_PARALLEL_MIN
+    for b in range(B):
+        if parallel:
+            for o in prange(C_out, schedule="static"):
+                out[b * C_out + o] = dot(inp + b * C_in, weight + o * C_in, C_in)
+        else:
+            for o in range(C_out):
+                out[b * C_out + o] = dot(inp + b * C_in, weight + o * C_in, C_in)
+        if bias != NULL:
+            add_into(out + b * C_out, bias, C_out)
+
+
+def py_matmul_forward(float[::1] out, const float[::1] inp, const float[::1] weight,
+                      bias, Py_ssize_t N, int C_in, int C_out):
+    cdef const float[::1] bias_view
+    cdef const float* bias_ptr = NULL
+    _need_positive(N=N, C_in=C_in, C_out=C_out)
+    for name, arr, size in (("out", out, N * C_out), ("inp", inp, N * C_in),
+                            ("weight", weight, <Py_ssize_t>C_out * C_in)):
+        _need(name, arr.shape[0], size)
+    if bias is not None:
+        bias_view = bias
+        _need("bias", bias_view.shape[0], C_out)
+        bias_ptr = &bias_view[0]
+    with nogil:
+        matmul_forward(&out[0], &inp[0], &weight[0], bias_ptr, N, C_in, C_out)
+
+
+def py_matmul_backward(float[::1] dinp, float[::1] dweight, dbias,
+                       const float[::1] dout, const float[::1] inp,
+                       const float[::1] weight, Py_ssize_t N, int C_in, int C_out):
+    cdef float[::1] dbias_view
+    cdef float* dbias_ptr = NULL
+    _need_positive(N=N, C_in=C_in, C_out=C_out)
+    for name, arr, size in (("dinp", dinp, N * C_in),
+                            ("dweight", dweight, <Py_ssize_t>C_out * C_in),
+                            ("dout", dout, N * C_out), ("inp", inp, N * C_in),
+                            ("weight", weight, <Py_ssize_t>C_out * C_in)):
+        _need(name, arr.shape[0], size)
+    if dbias is not None:
+        dbias_view = dbias
+        _need("dbias", dbias_view.shape[0], C_out)
+        dbias_ptr = &dbias_view[0]
+    with nogil:
+        matmul_backward(&dinp[0], &dweight[0], dbias_ptr, &dout[0], &inp[0], &weight[0],
+                        N, C_in, C_out)

@@ -1,0 +1,31 @@
+# Threads: one pool, OpenMP's. Its size is OMP_NUM_THREADS (or the number of
+# cores) unless set_num_threads() changes it; scipy's BLAS is pinned to one
+# thread (femtogpt/_threads.py), so the kernels' prange loops are the only
+# threads that run. Below: how work is cut into pieces that threads own.
+
+cimport openmp
+
+
+def get_num_threads():
+    """Threads the kernels use (OMP_NUM_THREADS, or the number of cores)."""
+    return openmp.omp_get_max_threads()
+
+
+def set_num_threads(int n):
+    if n < 1:
+        raise ValueError(f"number of threads must be >= 1, got {n}")
+    openmp.omp_set_num_threads(n)
+
+
+# Elementwise kernels run a plain loop (which gcc vectorises) over chunks of
+# this many elements, one chunk per prange iteration.
+DEF ELEM_CHUNK = 4096
+
+
+cdef inline Py_ssize_t min_size(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
+    return a if a < b else b
+
+
+# Column-chunk width for weight-gradient reductions over rows: each thread owns
+# whole chunks of channels, so no two threads add into the same gradient entry.
+DEF COL_CHUNK = 16

@@ -1,0 +1,292 @@
+# The training graph: the GPT's forward and backward over one parameter block,
+# one gradient block and one activation block laid out once per (B, T)
+# (layout.pxi); AdamW (adamw.pxi) then updates the parameter block in one loop,
+# called by femtogpt/train. Graph (decoding.pxi) is this class with a KV cache.
+
+from libc.stdint cimport int32_t, uint64_t
+from libc.string cimport memset
+import numpy as np
+
+
+cdef class TrainingGraph:
+    """Forward and backward of the GPT, one call each, without the GIL.
+
+    params and grads are Buffers laid out by femtogpt/model (offsets by key);
+    the Graph owns the activation Buffer, sized for the largest (B, T) seen.
+    """
+    cdef readonly int V, max_T, L, NH, C
+    cdef readonly bint bias             # Linear and LayerNorm layers have biases
+    cdef readonly bint gelu_exact       # GELU's exact (erf) form, else tanh
+    cdef readonly int B, T              # shape of the last forward
+    cdef readonly bint has_targets      # last forward had targets: backward is allowed
+    cdef readonly bint logits_are_gradient  # backward ran: the logits block holds dlogits
+    cdef readonly double loss
+    cdef Buffer params_buf, grads_buf, acts_buf
+    cdef Params p, g
+    cdef Activations a
+    cdef int n_slots
+    cdef float dropout
+    cdef uint64_t seed
+    cdef int32_t[::1] idx, targets
+    cdef bint busy            # a call is running (see _acquire)
+
+    def __init__(self, int V, int max_T, int L, int NH, int C,
+                 Buffer params not None, Buffer grads not None, dict offsets not None,
+                 bint bias=True, bint gelu_exact=False):
+        _need_positive(V=V, max_T=max_T, L=L, NH=NH, C=C)
+        if C % NH:
+            raise ValueError(f"C={C} is not divisible by NH={NH}")
+        _check_param_offsets(V, max_T, L, C, bias, offsets, params, grads)
+        self.V, self.max_T, self.L, self.NH, self.C = V, max_T, L, NH, C
+        self.bias, self.gelu_exact = bias, gelu_exact
+        self.params_buf, self.grads_buf = params, grads
+        self.p = _param_pointers(params.data, offsets)
+        self.g = _param_pointers(grads.data, offsets)
+        self.acts_buf = None
+        self.B = self.T = 0
+        self.has_targets = False
+        self.busy = False
+
+    cdef _prepare(self, int B, int T):
+        # Grow the activation block when (B, T) needs more room, then lay it out.
+        cdef int n_slots = openmp.omp_get_max_threads()
+        cdef Py_ssize_t need = activation_layout(&self.a, NULL, B, T, n_slots,
+                                                 self.C, self.L, self.V, self.NH)
+        if self.acts_buf is None or self.acts_buf.size < need:
+            self.acts_buf = None    # free the old block before allocating the new one
+            self.acts_buf = Buffer(need)
+        activation_layout(&self.a, self.acts_buf.data, B, T, n_slots,
+                          self.C, self.L, self.V, self.NH)
+        self.n_slots = n_slots
+        self.B, self.T = B, T
+
+    @property
+    def activation_bytes(self):
+        return 0 if self.acts_buf is None else self.acts_buf.size * 4
+
+    def logits_view(self):
+        """The last forward's logits, (B*T*V,) as a view into the activation block."""
+        if self.acts_buf is None:
+            raise RuntimeError("no forward() has run yet")
+        cdef Py_ssize_t off = self.a.logits - self.acts_buf.data
+        with nogil:
+            self._restore_logits()
+        return np.asarray(self.acts_buf)[off:off + <Py_ssize_t>self.B * self.T * self.V]
+
+    def attention_view(self):
+        """The last forward's attention probabilities, (L*B*NH*T*T,) as a view
+        into the activation block ((L, B, NH, T, T) in that order), or None when
+        the batch was too large to keep them (backward recomputes them then)."""
+        if self.acts_buf is None:
+            raise RuntimeError("no forward() has run yet")
+        if self.a.att == NULL:
+            return None
+        cdef Py_ssize_t off = self.a.att - self.acts_buf.data
+        cdef Py_ssize_t n = <Py_ssize_t>self.L * self.B * self.NH * self.T * self.T
+        return np.asarray(self.acts_buf)[off:off + n]
+
+    # -- forward ------------------------------------------------------------------
+
+    cdef _acquire(self):
+        # The buffers are shared by every call: a second call while one runs (from
+        # a generate() callback, or another thread: each call releases the GIL)
+        # could swap them under the first. Checked and set under the GIL.
+        if self.busy:
+            raise RuntimeError("this model is already running a call (re-entered from a "
+                               "callback, or used by two threads at once: give each "
+                               "thread its own model)")
+        self.busy = True
+
+    def forward(self, const int32_t[:, ::1] idx not None, targets=None,
+                float dropout=0.0, uint64_t seed=0):
+        """Run the model on idx (B, T) int32; with targets (B, T) also the mean loss.
+
+        Returns the loss (float) or None. Ids are checked here as well as in
+        femtogpt/model: the kernels index embedding rows with them.
+        """
+        self._acquire()
+        try:
+            return self._forward_checked(idx, targets, dropout, seed)
+        finally:
+            self.busy = False
+
+    def _forward_checked(self, const int32_t[:, ::1] idx not None, targets,
+                         float dropout, uint64_t seed):
+        cdef int B = idx.shape[0], T = idx.shape[1]
+        # Until this forward has fully succeeded, backward() is not allowed: a
+        # rejected call must not leave the previous call's state half replaced.
+        self.has_targets = False
+        new_idx, new_targets = _owned_batch(idx, targets, dropout, self.V, self.max_T)
+        self.idx = new_idx
+        if new_targets is not None:
+            self.targets = new_targets
+        self._prepare(B, T)
+        self.dropout, self.seed = dropout, seed
+        with nogil:
+            self._forward(targets is not None)
+        self.has_targets = targets is not None
+        self.logits_are_gradient = False
+        return self.loss if targets is not None else None
+
+    cdef void _restore_logits(self) noexcept nogil:
+        # backward() overwrites the logits with their gradient; read again (a
+        # second backward, logits_view), they are recomputed from the final
+        # LayerNorm's output, which forward kept: the same sgemm on the same
+        # inputs, so the same numbers bit for bit.
+        if self.logits_are_gradient:
+            matmul_forward(self.a.logits, self.a.lnf, self.p.wte, NULL,
+                           <Py_ssize_t>self.B * self.T, self.C, self.V)
+            self.logits_are_gradient = False
+
+    cdef void _forward(self, bint with_targets) noexcept nogil:
+        cdef int B = self.B, T = self.T, C = self.C, NH = self.NH, V = self.V
+        cdef Py_ssize_t N = <Py_ssize_t>B * T, l
+        cdef Py_ssize_t NC = N * C
+        cdef float p = self.dropout
+        cdef Params* w = &self.p
+        cdef Activations* a = &self.a
+        cdef Py_ssize_t att_size = <Py_ssize_t>B * NH * T * T
+        cdef LayerParams lw
+        cdef LayerActs la
+        cdef LayerDropout ld
+        cdef double total = 0.0
+        cdef Py_ssize_t n
+        encoder_forward(a.encoded, &self.idx[0], w.wte, w.wpe, B, T, C)
+        if p > 0.0:
+            dropout_forward(a.encoded, a.encoded, NC, p, embedding_dropout_seed(self.seed))
+        for l in range(self.L):
+            lw = layer_params(w, l, C)
+            la = layer_acts(a, l, N, C, att_size)
+            ld = layer_dropout(self.seed, l)
+            # x = x + dropout(c_proj(attention(ln_1(x))))
+            layernorm_forward(la.ln1, la.ln1_mean, la.ln1_rstd, la.res_in, lw.ln1w, lw.ln1b,
+                              N, C)
+            matmul_forward(la.qkv, la.ln1, lw.qkvw, lw.qkvb, N, C, qkv_width(C))
+            attention_forward(la.atty, la.att, a.att_scratch, la.qkv, B, T, C, NH,
+                              p, ld.att, self.n_slots)
+            matmul_forward(a.branch, la.atty, lw.attprojw, lw.attprojb, N, C, C)
+            if p > 0.0:
+                dropout_forward(a.branch, a.branch, NC, p, ld.att_proj)
+            residual_forward(la.res2, la.res_in, a.branch, NC)
+            # x = x + dropout(c_proj(gelu(c_fc(ln_2(x)))))
+            layernorm_forward(la.ln2, la.ln2_mean, la.ln2_rstd, la.res2, lw.ln2w, lw.ln2b,
+                              N, C)
+            matmul_forward(la.fch, la.ln2, lw.fcw, lw.fcb, N, C, 4 * C)
+            if self.gelu_exact:
+                gelu_exact_forward(la.fch_gelu, la.fch, 4 * NC)
+            else:
+                gelu_tanh_forward(la.fch_gelu, la.fch, 4 * NC)
+            matmul_forward(a.branch, la.fch_gelu, lw.fcprojw, lw.fcprojb, N, 4 * C, C)
+            if p > 0.0:
+                dropout_forward(a.branch, a.branch, NC, p, ld.mlp_proj)
+            residual_forward(la.res3, la.res2, a.branch, NC)
+        la = layer_acts(a, self.L - 1, N, C, att_size)     # the last block's output
+        layernorm_forward(a.lnf, a.lnf_mean, a.lnf_rstd, la.res3, w.lnfw, w.lnfb, N, C)
+        matmul_forward(a.logits, a.lnf, w.wte, NULL, N, C, V)     # lm_head tied to wte
+        if with_targets:
+            crossentropy_forward(a.losses, a.lse, a.logits, &self.targets[0], N, V)
+            for n in range(N):
+                total += a.losses[n]
+            self.loss = total / N
+
+    # -- backward -------------------------------------------------------------------
+
+    def backward(self, double loss_scale=1.0):
+        """Add the last forward's gradients of loss_scale x the mean loss into the
+        grads buffer (a data-parallel rank passes its share of the global batch)."""
+        if not self.has_targets:
+            raise RuntimeError("backward() needs a forward() with targets first")
+        if not (loss_scale > 0.0 and loss_scale < float("inf")):
+            raise ValueError(f"loss_scale must be positive and finite, got {loss_scale}")
+        # d(scaled mean loss)/d(each row's loss), rounded once to float32.
+        cdef float dloss = <float>(loss_scale / (<double>self.B * self.T))
+        self._acquire()
+        try:
+            with nogil:
+                self._restore_logits()
+                self.logits_are_gradient = True
+                self._backward(dloss)
+        finally:
+            self.busy = False
+
+    cdef void _backward(self, float dloss) noexcept nogil:
+        # forward() in reverse, line by line. The residual stream's gradient lives
+        # in one buffer (dres): the identity path of each residual add costs
+        # nothing, and each LayerNorm backward adds its branch's share into it.
+        cdef int B = self.B, T = self.T, C = self.C, NH = self.NH, V = self.V
+        cdef Py_ssize_t N = <Py_ssize_t>B * T, l
+        cdef Py_ssize_t NC = N * C
+        cdef float p = self.dropout
+        cdef Params* w = &self.p
+        cdef Params* g = &self.g
+        cdef Activations* a = &self.a
+        cdef Py_ssize_t att_size = <Py_ssize_t>B * NH * T * T
+        cdef LayerParams lw, lg
+        cdef LayerActs la
+        cdef LayerDropout ld
+        cdef float* dbranch
+        # In place: the logits become their gradient (the row's lse is all that
+        # softmax needs), so the (N, V) block is held once, not twice.
+        crossentropy_backward(a.logits, a.logits, a.lse, &self.targets[0], dloss, N, V)
+        matmul_backward(a.dln, g.wte, NULL, a.logits, a.lnf, w.wte, N, C, V)
+        memset(a.dres, 0, NC * sizeof(float))
+        la = layer_acts(a, self.L - 1, N, C, att_size)
+        layernorm_backward(a.dres, g.lnfw, g.lnfb, a.dln, la.res3, w.lnfw, a.lnf_mean,
+                           a.lnf_rstd, N, C)
+        for l in range(self.L - 1, -1, -1):
+            lw = layer_params(w, l, C)
+            lg = layer_params(g, l, C)
+            la = layer_acts(a, l, N, C, att_size)
+            ld = layer_dropout(self.seed, l)
+            # mlp branch
+            dbranch = a.dres
+            if p > 0.0:
+                dropout_backward(a.dbranch, a.dres, NC, p, ld.mlp_proj)
+                dbranch = a.dbranch
+            matmul_backward(a.dfch, lg.fcprojw, lg.fcprojb, dbranch, la.fch_gelu, lw.fcprojw,
+                            N, 4 * C, C)
+            if self.gelu_exact:
+                gelu_exact_backward(a.dfch, la.fch, a.dfch, 4 * NC)
+            else:
+                gelu_tanh_backward(a.dfch, la.fch, a.dfch, 4 * NC)
+            matmul_backward(a.dln, lg.fcw, lg.fcb, a.dfch, la.ln2, lw.fcw, N, C, 4 * C)
+            layernorm_backward(a.dres, lg.ln2w, lg.ln2b, a.dln, la.res2, lw.ln2w,
+                               la.ln2_mean, la.ln2_rstd, N, C)
+            # attention branch
+            dbranch = a.dres
+            if p > 0.0:
+                dropout_backward(a.dbranch, a.dres, NC, p, ld.att_proj)
+                dbranch = a.dbranch
+            matmul_backward(a.dln, lg.attprojw, lg.attprojb, dbranch, la.atty, lw.attprojw,
+                            N, C, C)
+            attention_backward(a.dqkv, a.att_scratch, a.dln, la.qkv, la.att, B, T, C, NH,
+                               p, ld.att, self.n_slots)
+            matmul_backward(a.dln, lg.qkvw, lg.qkvb, a.dqkv, la.ln1, lw.qkvw, N, C,
+                            qkv_width(C))
+            layernorm_backward(a.dres, lg.ln1w, lg.ln1b, a.dln, la.res_in, lw.ln1w,
+                               la.ln1_mean, la.ln1_rstd, N, C)
+        if p > 0.0:
+            dropout_backward(a.dres, a.dres, NC, p, embedding_dropout_seed(self.seed))
+        encoder_backward(g.wte, g.wpe, a.dres, &self.idx[0], B, T, C)
+
+
+cdef tuple _owned_batch(const int32_t[:, ::1] idx, targets, float dropout, int V, int max_T):
+    # The ids of a forward call as the Graph's own flat copies, checked before they
+    # are kept: backward() reads them later, whatever the caller does with its
+    # arrays in between (and they may be read-only). Ids are checked here as well
+    # as in femtogpt/model: the kernels index embedding rows with them.
+    cdef int B = idx.shape[0], T = idx.shape[1]
+    cdef const int32_t[:, ::1] targets_view
+    cdef int32_t[::1] new_idx, new_targets = None
+    if B < 1 or T < 1 or T > max_T:
+        raise ValueError(f"idx must be (B, T) with B >= 1 and 1 <= T <= {max_T}")
+    _check_dropout(dropout)
+    new_idx = np.array(idx, dtype=np.int32, copy=True).reshape(-1)
+    _need_ids(new_idx, <Py_ssize_t>B * T, V, "idx")
+    if targets is not None:
+        targets_view = targets
+        if targets_view.shape[0] != B or targets_view.shape[1] != T:
+            raise ValueError("targets must have the same shape as idx")
+        new_targets = np.array(targets_view, dtype=np.int32, copy=True).reshape(-1)
+        _need_ids(new_targets, <Py_ssize_t>B * T, V, "targets")
+    return new_idx, new_targets
