@@ -1,5 +1,6 @@
-"""Build the compiled core, femtogpt/_core.pyx, with OpenMP (and femtogpt/text/_native.pyx,
-the BPE encoder for long texts, and femtogpt/_cpu.pyx, the CPU check).
+"""Build the compiled core, femtogpt/_core.pyx and the files it includes from
+femtogpt/kernels/, with OpenMP (and femtogpt/text/_native.pyx, the BPE encoder
+for long texts, and femtogpt/_cpu.pyx, the CPU check).
 
 Everything else is declared in pyproject.toml.
 
@@ -17,6 +18,7 @@ Environment knobs (a build of another kind rebuilds everything):
   FEMTOGPT_ASAN=1     one build with AddressSanitizer (scripts/asan_check.sh)
 Needs gcc >= 11 or clang >= 12 (for -march=x86-64-v3 and -v4).
 """
+import glob
 import os
 import platform
 
@@ -57,8 +59,15 @@ def c_string(text):
 
 BUILDS, EXTRA_LINK = core_builds()
 MACROS = [("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")]
+# The core is _core.pyx and the files it includes, one per idea, from
+# femtogpt/kernels/ (the per-target modules include _core.pyx itself). They are
+# the core's depends: editing any one rebuilds every target, and the sdist
+# carries them (C headers in kernels/ too, for `cdef extern from`).
+CORE_DEPENDS = ["femtogpt/_core.pyx"] + sorted(
+    glob.glob("femtogpt/kernels/*.pxi") + glob.glob("femtogpt/kernels/*.h"))
 extensions = [
     Extension(module, [module.replace(".", "/") + ".pyx"],
+              depends=CORE_DEPENDS,
               include_dirs=[numpy.get_include()],
               extra_compile_args=COMPILE_ARGS + flags,
               extra_link_args=LINK_ARGS + EXTRA_LINK,
