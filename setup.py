@@ -60,9 +60,10 @@ def c_string(text):
 BUILDS, EXTRA_LINK = core_builds()
 MACROS = [("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")]
 # The core is _core.pyx and the files it includes, one per idea, from
-# femtogpt/kernels/ (the per-target modules include _core.pyx itself). They are
-# the core's depends: editing any one rebuilds every target, and the sdist
-# carries them (C headers in kernels/ too, for `cdef extern from`).
+# femtogpt/kernels/ (the per-target modules include _core.pyx itself), and any C
+# header there (`cdef extern from`). They are the core's depends: editing any one
+# rebuilds every target. (depends does not put them in the sdist: pyproject's
+# package data does, and a header must be listed there too.)
 CORE_DEPENDS = ["femtogpt/_core.pyx"] + sorted(
     glob.glob("femtogpt/kernels/*.pxi") + glob.glob("femtogpt/kernels/*.h"))
 extensions = [
