@@ -85,7 +85,8 @@ def test_runs_are_listed_with_what_the_page_shows(server, run_dir):
     status, payload = request(server, "GET", "/api/runs")
     assert status == 200
     [info] = json.loads(payload)
-    assert info["path"] == os.path.abspath(run_dir) and info["tokenizer"] == "char"
+    assert info["name"] == "run" and "path" not in info and info["tokenizer"] == "char"
+    assert os.path.dirname(os.path.abspath(run_dir)) not in payload.decode()
     assert info["model"]["n_layer"] == 2 and info["config"]["max_iters"] == 20
     assert info["iter"] == 20 and info["evaluations"] == 3
     rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
@@ -163,7 +164,7 @@ def test_an_oversized_body_is_refused_without_reading_it(server):
     conn.putheader("Content-Length", str(50 << 20))
     conn.endheaders()
     response = conn.getresponse()
-    assert response.status == 400 and b"larger than" in response.read()
+    assert response.status == 413 and b"the limit is 1,048,576 bytes" in response.read()
     conn.close()
 
 
@@ -265,7 +266,7 @@ def test_several_streams_at_once_and_a_client_that_leaves(server):
     assert all(events(results[s][1])[-1][0] == "done" for s in range(3))
     # The server's threads for those requests end: none is left generating.
     def serving():
-        return [t for t in threading.enumerate() if "process_request" in t.name]
+        return [t for t in threading.enumerate() if "femtogpt serve handler" in t.name]
     deadline = time.time() + 20
     while time.time() < deadline and serving():
         time.sleep(0.1)
@@ -308,10 +309,20 @@ def test_serve_refuses_what_it_cannot_serve_and_warns_when_exposed(tmp_path, run
     try:
         first = proc.stderr.readline()
         second = proc.stderr.readline()
+        third = proc.stderr.readline()
     finally:
         proc.terminate()
         proc.wait(10)
     assert "warning: serving on 0.0.0.0" in first and "serving 1 run(s) on http://" in second
+    assert third.split() == ["0:", "run", os.path.abspath(run_dir)]     # where it is: here
+
+
+def test_help_states_the_bound_on_connections():
+    from femtogpt.app.serve_http import MAX_HANDLERS
+    proc = subprocess.run([sys.executable, "-m", "femtogpt.app.cli", "serve", "--help"],
+                          capture_output=True, text=True, timeout=60, cwd=PACKAGE_PARENT)
+    assert f"At most {MAX_HANDLERS} connections at once" in " ".join(proc.stdout.split())
+    assert "--verbose" in proc.stdout
 
 
 def test_only_this_servers_pages_may_use_it(server):

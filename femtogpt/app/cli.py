@@ -211,7 +211,7 @@ def build_parser():
                     "given, draws their loss curves live while they train, streams samples, "
                     "and shows each token's next-token probabilities, the model's surprise "
                     "at each token and the attention patterns. It only reads the run "
-                    "folders. Ctrl-C stops it.")
+                    "folders. Ctrl-C stops it. At most 16 connections at once; more get a 503.")
     p_serve.add_argument("--out", nargs="+", default=["out"], metavar="DIR",
                          help="run folders, checkpoint files or Hugging Face GPT-2 folders "
                               "(default: out)")

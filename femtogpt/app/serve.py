@@ -1,11 +1,14 @@
 """`femtogpt serve`: a playground in the browser for runs and models.
 
-The server is the standard library's ThreadingHTTPServer: one thread per
-connection, so several tabs are served at once, and a thread ends when its
-client goes (a write to a closed socket fails; every socket has a timeout, so
-a stalled client cannot hold a thread for ever). Streams are server-sent
-events. It only reads the run folders: a training process is never touched,
-and a checkpoint it rewrites (always atomically) is read again, whole.
+The server is the standard library's HTTP server with one thread per
+connection while it is served, at most MAX_HANDLERS of them (serve_http.py
+says why 16, and what clients that misbehave get: a 503 beyond the bound,
+a 400 for a body framed wrongly, a 413 past MAX_BODY_BYTES, a 408 for a
+request not whole in REQUEST_TIMEOUT_S; one that goes away ends its handler
+quietly). Streams are server-sent events. It only reads the run folders: a
+training process is never touched, and a checkpoint it rewrites (always
+atomically) is read again, whole. The page is told each run's name, never
+where it is on the disk; the terminal's start-up lines say that.
 
 Routes (JSON unless said otherwise):
   GET  /                      the page (femtogpt/app/web/), nothing from the internet
@@ -27,14 +30,15 @@ import sys
 
 from ..errors import FemtoGPTError
 from .serve_api import Handler, Server, _EventStream, sample_options
-from .serve_http import MAX_BODY_BYTES, BadRequest, Forbidden
+from .serve_http import MAX_BODY_BYTES, MAX_HANDLERS, BadRequest, Forbidden
 from .serve_runs import Busy, Source, read_rows
 
 # The pieces, by idea: serve_http.py (HTTP framing, the handler base),
 # serve_runs.py (the runs and their models), serve_api.py (the routes and the
 # server); this module is the command. Their names are handed on from here.
-__all__ = ["BadRequest", "Busy", "Forbidden", "Handler", "MAX_BODY_BYTES", "Server", "Source",
-           "_EventStream", "make_server", "read_rows", "sample_options", "serve_command"]
+__all__ = ["BadRequest", "Busy", "Forbidden", "Handler", "MAX_BODY_BYTES", "MAX_HANDLERS",
+           "Server", "Source", "_EventStream", "make_server", "read_rows", "sample_options",
+           "serve_command"]
 
 
 def make_server(paths, host="127.0.0.1", port=8000, verbose=False):
@@ -68,6 +72,8 @@ def serve_command(args):
               f"can reach port {port} can run the models (there is no login)", file=sys.stderr)
     print(f"serving {len(server.sources)} run(s) on http://{host}:{port}  (Ctrl-C stops)",
           file=sys.stderr, flush=True)
+    for source in server.sources:       # where they are: here, not on the page
+        print(f"  {source.index}: {source.name}  {source.path}", file=sys.stderr, flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

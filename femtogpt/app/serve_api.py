@@ -6,17 +6,14 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 import sys
 import threading
 import time
 
-from http.server import ThreadingHTTPServer
-
 import numpy as np
 
 from ..errors import FemtoGPTError
-from .serve_http import BadRequest, Forbidden, JSONHandler, _ClientGone
+from .serve_http import BadRequest, BoundedHTTPServer, JSONHandler, Refused, _ClientGone
 from .serve_runs import Busy, read_rows, read_rows_from
 
 STATIC = {"/": ("index.html", "text/html; charset=utf-8"),
@@ -102,8 +99,8 @@ class Handler(JSONHandler):
 
     def _route(self, method):
         path = self.path.split("?", 1)[0]
-        self.events_started = False
         try:
+            self.body_length()          # the framing first: a request misread is no request
             self._check_origin(method)
             if method == "GET" and path in STATIC:
                 return self._static(*STATIC[path])
@@ -126,25 +123,20 @@ class Handler(JSONHandler):
                 if action == ("POST", "attention"):
                     return self._attention(source, self._body())
             self.send_error_json(404, f"no such address: {method} {path}")
-        except BadRequest as err:
-            self.send_error_json(400, str(err))
-        except Forbidden as err:
-            self.send_error_json(403, str(err))
+        except Refused as err:
+            self.send_error_json(err.status, str(err))
         except Busy as err:
             self.send_error_json(503, str(err))
         except FemtoGPTError as err:
             # A prompt the tokenizer cannot encode, a checkpoint being damaged...
-            self.send_error_json(422, str(err))
+            # (said with the runs' names: the page is not told where they are)
+            self.send_error_json(422, self.server.public(str(err)))
         except _ClientGone:
-            self.close_connection = True
-        except (ConnectionError, socket.timeout):
-            self.close_connection = True
+            raise                       # handle() ends it quietly
         except Exception as err:        # a bug: say so, keep serving
             print(f"femtogpt serve: {type(err).__name__}: {err}", file=sys.stderr)
-            try:
-                self.send_error_json(500, f"internal error: {type(err).__name__}: {err}")
-            except (OSError, _ClientGone):
-                pass
+            self.send_error_json(500, self.server.public(
+                f"internal error: {type(err).__name__}: {err}"))
 
     def _source(self, text):
         if not (text.isascii() and text.isdigit()):
@@ -172,7 +164,7 @@ class Handler(JSONHandler):
                               options["temperature"], options["top_k"], options["top_p"],
                               options["seed"], out=out, end="")
             except FemtoGPTError as err:
-                self.send_event("error", {"error": str(err)})
+                self.send_event("error", {"error": self.server.public(str(err))})
                 return
             self.send_event("done", {"text": "".join(out.pieces), "seed": options["seed"]})
 
@@ -235,24 +227,17 @@ class Handler(JSONHandler):
                 self.send_event("sample", {"run": i, "iter": rows[-1].get("iter"),
                                            "text": self.server.eval_sample(source)})
             if time.monotonic() - last_beat > 10:
-                try:                        # a comment line: finds a vanished client
-                    self.wfile.write(b": ping\n\n")
-                    self.wfile.flush()
-                except (OSError, ValueError):
-                    return
+                self._write(b": ping\n\n")     # a comment line: finds a vanished client
                 last_beat = time.monotonic()
-            self.server.stopping.wait(LIVE_POLL_S)
+            self.wait_unless_gone(LIVE_POLL_S)
 
 
-class Server(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
+class Server(BoundedHTTPServer):
+    """The server of the runs given, with the sample of each one's newest model."""
 
     def __init__(self, address, sources, verbose=False):
-        super().__init__(address, Handler)
+        super().__init__(address, Handler, verbose)
         self.sources = sources
-        self.verbose = verbose
-        self.loopback = address[0] in ("127.0.0.1", "localhost", "::1")
         self.stopping = threading.Event()
         self._samples = {}          # run index -> (checkpoint key, its sample)
         self._sample_lock = threading.Lock()
@@ -274,6 +259,12 @@ class Server(ThreadingHTTPServer):
             text = f"(no sample: {err})"
         with self._sample_lock:
             self._samples[source.index] = (key, text)      # the newest only
+        return text
+
+    def public(self, text):
+        """text with each run's place on the disk replaced by its name."""
+        for source in self.sources:
+            text = text.replace(source.path, source.name)
         return text
 
     def shutdown(self):

@@ -26,8 +26,15 @@ class Source:
     loaded again when the checkpoint on disk changes."""
 
     def __init__(self, index, path):
+        from ..files.rundir import METRICS_NAME
         self.index, self.path = index, os.path.abspath(path)
-        self.metrics_path = os.path.join(self.path, "metrics.jsonl")
+        # What the page calls it: the folder's name, or a file's with its
+        # folder's. Never the path: the page may be seen from other machines
+        # (--host), and where the runs are on this one is not theirs to know.
+        folder, base = os.path.split(self.path)
+        self.name = os.path.join(os.path.basename(folder), base) if os.path.isfile(
+            self.path) else base
+        self.metrics_path = os.path.join(self.path, METRICS_NAME)
         self._lock = threading.Lock()
         self._idle = []             # [(key, model, tokenizer)]
         self._in_use = 0
@@ -57,7 +64,7 @@ class Source:
     def info(self):
         """What the page shows about it: read fresh each time (a run may be training)."""
         from ..files import LATEST_NAME, TensorFile
-        info = {"id": self.index, "path": self.path, "name": os.path.basename(self.path)}
+        info = {"id": self.index, "name": self.name}
         rows = read_rows(self.metrics_path)
         state = os.path.join(self.path, LATEST_NAME)
         config = {}
@@ -72,6 +79,8 @@ class Source:
         info["config"] = {k: config.get(k) for k in (
             "n_layer", "n_head", "n_embd", "block_size", "batch_size", "max_iters",
             "learning_rate", "tokenizer", "vocab_size", "data") if k in config}
+        if isinstance(info["config"].get("data"), str):     # its name, not where it is
+            info["config"]["data"] = os.path.basename(info["config"]["data"].rstrip("/"))
         if rows:
             best = min(rows, key=lambda r: r.get("val_loss", math.inf))
             info["best_val_loss"] = best.get("val_loss")
@@ -92,6 +101,8 @@ class Source:
             info["tokenizer"] = tokenizer.to_dict()["type"]
         except FemtoGPTError as err:
             info.setdefault("problem", str(err))
+        if "problem" in info:
+            info["problem"] = info["problem"].replace(self.path, self.name)
         return info
 
     # -- models

@@ -1,6 +1,6 @@
 // femtogpt serve's page: runs, live curves, streaming samples, and what the
 // model computes for a text. Plain JavaScript, drawn on canvases by the small
-// functions below; everything comes from this server (femtogpt/serve.py).
+// functions below; everything comes from this server (femtogpt/app/serve.py).
 "use strict";
 
 const state = { runs: [], selected: null, metrics: {}, samples: {}, analysis: null,
@@ -78,7 +78,7 @@ function renderSummary() {
     const seconds = (cfg.max_iters - last.iter) * last.elapsed_s / last.iter;
     left = ` · about ${Math.round(seconds)} s left`;
   }
-  $("run-summary").textContent = `${run.path} · ` +
+  $("run-summary").textContent = `${run.name}${cfg.data ? " on " + cfg.data : ""} · ` +
     (last ? `step ${last.iter} of ${cfg.max_iters ?? "?"} · ` +
       `${Math.round(last.tokens_per_s || 0).toLocaleString()} tokens/s${left}` : "no evaluations yet");
   const model = run.model || {};
