@@ -1,12 +1,19 @@
 """The README's picture of `femtogpt serve`: a run, its curves, a sample, a
 text analyzed and one head's attention, rendered by headless Chromium.
 
-    python scripts/serve_screenshot.py --out out --to docs/serve.png
+    python scripts/serve_screenshot.py --train --out /tmp/shakespeare --to docs/serve.png
 
-Needs Debian's chromium and chromium-driver and selenium (the test extra).
+With --train it first starts `femtogpt train --preset baby` on the bundled
+text into --out (which must not hold a run yet) and takes the picture while
+that run trains, after its third evaluation; without, it shows the run in
+--out as it is. Needs Debian's chromium and chromium-driver and selenium
+(the test extra).
 """
 import argparse
+import os
 import shutil
+import subprocess
+import sys
 import threading
 import time
 
@@ -23,7 +30,36 @@ def main():
     ap.add_argument("--to", default="docs/serve.png")
     ap.add_argument("--prompt", default="ROMEO:")
     ap.add_argument("--text", default="But soft, what light through yonder window breaks?")
+    ap.add_argument("--train", action="store_true",
+                    help="train a run into --out first, and show it while it trains")
     args = ap.parse_args()
+    trainer = start_training(args.out) if args.train else None
+    try:
+        screenshot(args)
+    finally:
+        if trainer:
+            trainer.terminate()
+            trainer.wait(30)
+    print(f"wrote {args.to}")
+
+
+def start_training(out, evaluations=3, timeout=1200):
+    """`femtogpt train --preset baby` in the background, once it has written
+    `evaluations` rows of metrics (so there are curves to draw)."""
+    trainer = subprocess.Popen([sys.executable, "-m", "femtogpt.app.cli", "train", "--preset",
+                                "baby", "--out", out], stdout=subprocess.DEVNULL)
+    metrics, deadline = os.path.join(out, "metrics.jsonl"), time.monotonic() + timeout
+    while time.monotonic() < deadline and trainer.poll() is None:
+        if os.path.exists(metrics) and sum(b"val_loss" in line for line in
+                                           open(metrics, "rb")) >= evaluations:
+            time.sleep(2)               # the checkpoint of that evaluation is written
+            return trainer
+        time.sleep(1)
+    trainer.terminate()
+    raise SystemExit(f"the run in {out} did not reach {evaluations} evaluations")
+
+
+def screenshot(args):
     server = make_server([args.out], port=0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     options = webdriver.ChromeOptions()
@@ -53,7 +89,6 @@ def main():
     finally:
         driver.quit()
         server.shutdown()
-    print(f"wrote {args.to}")
 
 
 if __name__ == "__main__":
