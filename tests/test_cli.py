@@ -434,8 +434,8 @@ def test_user_errors_exit_2_with_one_line(argv, message, files, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["train", "--preset", "nope"], "argument --preset: invalid choice: 'nope'"),
     (["train", "--n-layer", "two"], "argument --n-layer: invalid int value: 'two'"),
-    (["train", "--tokenizer", "sentencepiece"],
-     "argument --tokenizer: invalid choice: 'sentencepiece'"),
+    (["train", "--tokenizer", "wordpiece"],
+     "argument --tokenizer: invalid choice: 'wordpiece'"),
     (["sample", "--top-p", "x"], "argument --top-p: invalid float value: 'x'"),
     (["fly"], "argument COMMAND: invalid choice: 'fly'"),
 ])

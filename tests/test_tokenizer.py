@@ -297,4 +297,5 @@ def test_build_tokenizer():
 def test_build_tokenizer_unknown_kind_lists_choices():
     with pytest.raises(TokenizerError) as info:
         build_tokenizer("bpe2", "hello")
-    assert str(info.value) == "unknown tokenizer 'bpe2'; choose one of: bpe, byte, char"
+    assert str(info.value) == ("unknown tokenizer 'bpe2'; choose one of: bpe, byte, char, "
+                               "sentencepiece, sentencepiece-bpe")

@@ -19,9 +19,12 @@ TRAIN_HELP = {
     "out": "run directory: checkpoints, metrics.jsonl, loss.png (and the token cache)",
     "cache_dir": "where the token cache lives, to share it between runs",
     "tokenizer": "how text becomes tokens: char (the text's distinct characters), byte "
-                 "(UTF-8 bytes, any text) or bpe (byte-level BPE learned from the training "
-                 "text: shorter sequences, so more text per context window)",
-    "vocab_size": "vocabulary size that --tokenizer bpe learns up to (at least 256)",
+                 "(UTF-8 bytes, any text), bpe (byte-level BPE learned from the training "
+                 "text: shorter sequences, so more text per context window), sentencepiece "
+                 "(a SentencePiece model trained on the text, with byte fallback) or "
+                 "PATH.model (an existing SentencePiece model, as it is)",
+    "vocab_size": "vocabulary size that --tokenizer bpe or sentencepiece learns up to "
+                  "(at least 256)",
     "n_layer": "transformer blocks",
     "n_head": "attention heads per block",
     "n_embd": "embedding width (must be divisible by --n-head)",
@@ -88,7 +91,8 @@ def add_train_arguments(parser):
             continue
         extra = {}
         if f.name == "tokenizer":
-            extra["choices"] = ["char", "byte", "bpe"]
+            extra["metavar"] = "{char,byte,bpe,sentencepiece,PATH.model}"
+            extra["type"] = tokenizer_argument
         elif f.name == "gelu":
             extra["choices"] = list(GELU_FORMS)
         metavar = {int: "N", float: "X", str: "PATH"}[kind]
@@ -98,10 +102,12 @@ def add_train_arguments(parser):
             metavar = "DIR"
         elif f.name in ("tokenizer", "gelu"):
             metavar = None
-        parser.add_argument(_flag(f.name), dest=f.name, type=kind, default=None,
-                            metavar=metavar,
+        metavar = extra.pop("metavar", metavar)
+        parser.add_argument(_flag(f.name), dest=f.name, type=extra.pop("type", kind),
+                            default=None, metavar=metavar,
                             help=f"{TRAIN_HELP[f.name]} (default: {_preset_defaults(f.name)})",
                             **extra)
+    add_sp_type_argument(parser)
     parser.add_argument("--init-from", metavar="DIR", default=None,
                         help="start a new run from another run's weights (its best model), "
                              "with a fresh optimizer")
@@ -126,12 +132,43 @@ def add_train_arguments(parser):
                             "stopping the job: a rank died or is stuck (default: 600)")
 
 
+def tokenizer_argument(value):
+    """--tokenizer: a kind, or an existing SentencePiece model's PATH.model."""
+    from ..text import TOKENIZER_KINDS
+    from ..text.sentencepiece_tokenizer import is_model_path
+    if value in TOKENIZER_KINDS or is_model_path(value):
+        return value
+    raise argparse.ArgumentTypeError(f"invalid choice: {value!r} (choose from "
+                                     f"{', '.join(TOKENIZER_KINDS)} or a PATH.model)")
+
+
+def add_sp_type_argument(parser):
+    parser.add_argument("--sp-type", choices=["unigram", "bpe"], default=None,
+                        help="the SentencePiece algorithm that --tokenizer sentencepiece "
+                             "trains (default: unigram); bpe is the tokenizer kind "
+                             "sentencepiece-bpe")
+
+
+def fold_sp_type(args):
+    """--tokenizer sentencepiece --sp-type bpe is the kind sentencepiece-bpe:
+    the kind names the algorithm (as a checkpoint's tokenizer type does), so a
+    resumed run compares one name."""
+    from ..errors import ConfigError
+    sp_type = getattr(args, "sp_type", None)
+    if sp_type is None:
+        return
+    if args.tokenizer not in ("sentencepiece", "sentencepiece-bpe"):
+        raise ConfigError(f"--sp-type {sp_type} needs --tokenizer sentencepiece")
+    args.tokenizer = "sentencepiece-bpe" if sp_type == "bpe" else "sentencepiece"
+
+
 def train_command(args):
     from ..train.distributed import connect
     from ..train import PRESETS, train
     from ..train import ARCHITECTURE
     comm = args.comm = connect(args.distributed, args.comm_timeout)
     base = PRESETS[args.preset or "baby"]
+    fold_sp_type(args)
     given = {f.name for f in fields(base) if getattr(args, f.name) is not None}
     cfg = replace(base, **{name: getattr(args, name) for name in given})
     explicit = set(given)
@@ -232,10 +269,12 @@ def build_parser():
                     "with the same --data, --tokenizer, --vocab-size and --out (or "
                     "--cache-dir) then starts from it at once.")
     p_prepare.add_argument("--data", required=True, metavar="PATH", help=TRAIN_HELP["data"])
-    p_prepare.add_argument("--tokenizer", choices=["char", "byte", "bpe"], default="char",
+    p_prepare.add_argument("--tokenizer", default="char", type=tokenizer_argument,
+                           metavar="{char,byte,bpe,sentencepiece,PATH.model}",
                            help=TRAIN_HELP["tokenizer"] + " (default: char)")
     p_prepare.add_argument("--vocab-size", type=int, default=512, metavar="N",
                            help=TRAIN_HELP["vocab_size"] + " (default: 512)")
+    add_sp_type_argument(p_prepare)
     p_prepare.add_argument("--init-from", metavar="DIR", default=None,
                            help="use the tokenizer of this model instead (a Hugging Face "
                                 "GPT-2 folder or a run), as `femtogpt train --init-from` does")
@@ -254,6 +293,7 @@ def build_parser():
 def prepare_command(args):
     from ..train.config import TrainConfig
     from ..text.token_cache import open_tokens
+    fold_sp_type(args)
     kind, tokenizer = args.tokenizer, None
     TrainConfig(tokenizer=kind, vocab_size=args.vocab_size).validate()
     if args.init_from is not None:

@@ -272,8 +272,13 @@ def export_hf(model, tokenizer, folder, overwrite=False, meta=None, source=None)
     that holds it.
     """
     from ..text.gpt2 import GPT2Tokenizer
+    from .hf_sentencepiece import exportable, write_sentencepiece_files
     notes = []
-    if not isinstance(tokenizer, GPT2Tokenizer):
+    sentencepiece = getattr(tokenizer, "model_bytes", None) is not None
+    why_not = exportable(tokenizer) if sentencepiece else None
+    if why_not:
+        notes.append(f"{why_not}: {folder} gets no tokenizer files")
+    elif not isinstance(tokenizer, GPT2Tokenizer) and not sentencepiece:
         notes.append(f"the model's {tokenizer.kind} tokenizer has no Hugging Face "
                      f"equivalent: {folder} gets the weights and config.json but no "
                      f"tokenizer files; its {tokenizer.kind} tokenizer stays in femtogpt's "
@@ -312,6 +317,8 @@ def export_hf(model, tokenizer, folder, overwrite=False, meta=None, source=None)
                 "model_max_length": model.config.block_size,
                 **{k: t for t in tokenizer.specials for k in
                    ("bos_token", "eos_token", "unk_token")}}, indent=2) + "\n"
+        if sentencepiece and not why_not:
+            write_sentencepiece_files(tokenizer, temp, model.config.block_size)
         for name, text in files.items():
             with open(os.path.join(temp, name), "w", encoding="utf-8") as f:
                 f.write(text)

@@ -19,6 +19,7 @@ from .cache_manifest import FORMAT, MANIFEST, VERSION, _write_manifest
 from .char import CharTokenizer
 from .corpus_sample import sample_training_text
 from .registry import build_tokenizer
+from .sentencepiece_tokenizer import SP_TRAINED, SentencePieceTokenizer
 from .token_files import TokenData, _IdWriter
 from .tokenizer import MAX_CHAR_VOCAB
 
@@ -82,6 +83,14 @@ def build(folder, sources, spec, kind, vocab_size, tokenizer, log=print, progres
                                      f"than the character tokenizer's limit of "
                                      f"{MAX_CHAR_VOCAB}; use --tokenizer byte or bpe")
             tokenizer = CharTokenizer("".join(map(chr, found.tolist())))
+        elif kind in SP_TRAINED:
+            t = time.perf_counter()
+            sample = sample_training_text(sources, blocks, train_chars, spec["sample_bytes"],
+                                          spec["sample_pieces"])
+            tokenizer = build_tokenizer(kind, sample, vocab_size)
+            log(f"data: trained a SentencePiece {tokenizer.info.model_type} model of "
+                f"{tokenizer.vocab_size:,} pieces on {len(sample.encode('utf-8')) / 1e6:,.1f} "
+                f"MB of the training text in {time.perf_counter() - t:.1f}s")
         elif kind == "bpe":
             t = time.perf_counter()
             sample = sample_training_text(sources, blocks, train_chars, spec["sample_bytes"],
@@ -187,9 +196,9 @@ def _encode_corpus(sources, tokenizer, train_chars, writers, digests, bar):
     """Pass 2: every block's ids to the train writer, then (from character
     train_chars on) to the val writer; each split is a whole text of its own.
     The first pass checked the text, so this one reads bytes only."""
-    from .bulk_encode import BPEStream
-    streaming = isinstance(tokenizer, BPETokenizer)
-    stream = BPEStream(tokenizer) if streaming else None
+    new_stream = _stream_maker(tokenizer)
+    streaming = new_stream is not None
+    stream = new_stream() if streaming else None
     split, chars = "train", 0
     for block in corpus.read_blocks(sources, digests=digests, progress=bar, decode=False):
         parts = [(split, block.data)]
@@ -201,7 +210,7 @@ def _encode_corpus(sources, tokenizer, train_chars, writers, digests, bar):
             if part_split != split:
                 if streaming:
                     writers[split].write(stream.finish())
-                    stream = BPEStream(tokenizer)
+                    stream = new_stream()
                 split = part_split
             if not data:
                 continue
@@ -211,3 +220,15 @@ def _encode_corpus(sources, tokenizer, train_chars, writers, digests, bar):
                 writers[split].write(tokenizer.encode_utf8(data, what="training text"))
     if streaming:
         writers[split].write(stream.finish())
+
+
+def _stream_maker(tokenizer):
+    """What encodes a split block by block for a tokenizer whose ids depend on
+    the text around a block edge (BPE, SentencePiece); None for char and byte,
+    whose blocks encode on their own."""
+    if isinstance(tokenizer, BPETokenizer):
+        from .bulk_encode import BPEStream
+        return lambda: BPEStream(tokenizer)
+    if isinstance(tokenizer, SentencePieceTokenizer):
+        return tokenizer.stream
+    return None

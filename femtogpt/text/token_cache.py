@@ -42,6 +42,8 @@ from .cache_manifest import (FORMAT, MANIFEST, VERSION, _check_token_file, _file
                              _write_manifest, check_entry, find_entries, read_manifest)
 from .corpus_sample import sample_training_text
 from .registry import tokenizer_from_dict
+from .sentencepiece_tokenizer import (SP_SAMPLE_BYTES, SP_SAMPLE_PIECES, SP_TRAINED,
+                                      SentencePieceTokenizer, is_model_path)
 from .token_files import TokenData, TokenFile
 
 __all__ = ["FORMAT", "MANIFEST", "VAL_FRACTION", "VERSION", "TokenData", "TokenFile", "build",
@@ -69,6 +71,9 @@ def _spec(kind, vocab_size, tokenizer):
     if kind == "bpe":
         spec.update(vocab_size=int(vocab_size), sample_bytes=BPE_SAMPLE_BYTES,
                     sample_pieces=BPE_SAMPLE_PIECES)
+    elif kind in SP_TRAINED:
+        spec.update(vocab_size=int(vocab_size), sample_bytes=SP_SAMPLE_BYTES,
+                    sample_pieces=SP_SAMPLE_PIECES)
     return spec
 
 
@@ -115,12 +120,18 @@ def open_tokens(data, kind, vocab_size=None, tokenizer=None, cache_dir=None, log
     """The TokenData for --data with this tokenizer: reused from the cache when
     it is still right, else built (and logged).
 
-    kind/vocab_size: the tokenizer to fit (char, byte, bpe), when tokenizer is
-    None. tokenizer: a given one (a resumed run's, a GPT-2 model's). A resumed
+    kind/vocab_size: the tokenizer to fit (char, byte, bpe, sentencepiece,
+    sentencepiece-bpe), when tokenizer is None; a kind ending in .model is
+    that SentencePiece model, given. tokenizer: a given one (a resumed run's,
+    a GPT-2 model's). A resumed
     run passes both its tokenizer and prefer_fit=(kind, vocab_size): the entry
     its first start fitted is then reused if its tokenizer is the same.
     exclude: folders whose files are never part of the corpus (the run's --out).
     """
+    if tokenizer is None and is_model_path(kind):
+        tokenizer = SentencePieceTokenizer.from_file(kind)
+    if prefer_fit is not None and is_model_path(prefer_fit[0]):
+        prefer_fit = None       # a given model: its entry is the given one's
     root = os.path.abspath(cache_dir)
     # A --data directory that holds the run or the cache must not read them as text.
     sources = corpus.list_sources(data, exclude=[root] + list(exclude))

@@ -13,6 +13,8 @@ import numpy as np
 
 from ..errors import ConfigError
 from ..model import GELU_FORMS
+from ..text.registry import TOKENIZER_KINDS
+from ..text.sentencepiece_tokenizer import is_model_path
 
 BUNDLED_DATA = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "tinyshakespeare.txt")
 
@@ -26,7 +28,7 @@ class TrainConfig:
     out: str = "out"
     cache_dir: str = ""       # the token cache's folder ("": OUT/cache)
     tokenizer: str = "char"
-    vocab_size: int = 512     # bpe only: the vocabulary to train up to
+    vocab_size: int = 512     # bpe, sentencepiece: the vocabulary to train up to
     # model
     n_layer: int = 4
     n_head: int = 4
@@ -67,12 +69,15 @@ class TrainConfig:
             raise ConfigError(f"bias must be True or False, got {self.bias!r}")
         if self.gelu not in GELU_FORMS:
             raise ConfigError(f"--gelu must be {' or '.join(GELU_FORMS)}, got {self.gelu!r}")
-        if self.tokenizer not in ("char", "byte", "bpe", "gpt2"):
-            raise ConfigError(f"--tokenizer must be char, byte or bpe (or gpt2, with "
-                              f"--init-from a GPT-2 folder), got {self.tokenizer!r}")
+        if self.tokenizer not in TOKENIZER_KINDS + ("gpt2",) and not is_model_path(
+                self.tokenizer):
+            raise ConfigError(f"--tokenizer must be one of {', '.join(TOKENIZER_KINDS)} or a "
+                              f"SentencePiece PATH.model (or gpt2, with --init-from a GPT-2 "
+                              f"folder), got {self.tokenizer!r}")
         if not isinstance(self.vocab_size, int) or not 256 <= self.vocab_size <= 65536:
-            raise ConfigError(f"--vocab-size must be an integer in [256, 65536] (bpe starts "
-                              f"from the 256 byte values), got {self.vocab_size!r}")
+            raise ConfigError(f"--vocab-size must be an integer in [256, 65536] (bpe and "
+                              f"sentencepiece start from the 256 byte values), got "
+                              f"{self.vocab_size!r}")
         for name in ("warmup_iters", "threads", "sample_tokens", "seed"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, "
