@@ -23,7 +23,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import nanogpt_problem, run_femtogpt_default, run_nanogpt  # noqa: E402
+from bench_e2e import nanogpt_problem, run_femtogpt_default, run_nanogpt  # noqa: E402
 
 DEFAULT_SEEDS = [1337] + list(range(1, 10))
 
