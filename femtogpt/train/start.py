@@ -15,6 +15,7 @@ from ..files.hf import config_from_hf, is_hf_folder, load_hf
 from ..files.rundir import BEST_NAME, checkpoint_path
 from ..files.tensorfile import TensorFile
 from ..model import GPT
+from ..text import tokenizer_matches
 from ..text.token_cache import open_tokens
 from .config import ARCHITECTURE, FINETUNE_DEFAULTS, TrainConfig
 
@@ -79,7 +80,7 @@ def init_from(cfg, source, explicit, recipe, log):
                 f"the architecture comes from the source run")
         setattr(cfg, name, getattr(mc, name))
     kind = tokenizer.to_dict()["type"]
-    if "tokenizer" in explicit and cfg.tokenizer != kind:
+    if "tokenizer" in explicit and not tokenizer_matches(cfg.tokenizer, tokenizer):
         raise ConfigError(f"--init-from {source}: its model uses the {kind} tokenizer, "
                           f"not {cfg.tokenizer}")
     cfg.tokenizer = kind
@@ -107,7 +108,7 @@ def resume_settings(cfg, explicit, meta, model, tokenizer, path, log):
                 f"but --{name.replace('_', '-')} {ours} was given; use another --out "
                 f"to start a new run, or --init-from to start from its weights")
         setattr(cfg, name, getattr(mc, name))
-    if "tokenizer" in explicit and cfg.tokenizer != tokenizer.to_dict()["type"]:
+    if "tokenizer" in explicit and not tokenizer_matches(cfg.tokenizer, tokenizer):
         raise ConfigError(f"{path} was trained with the "
                           f"{tokenizer.to_dict()['type']} tokenizer, not {cfg.tokenizer}")
     if ("vocab_size" in explicit and tokenizer.to_dict()["type"] == "bpe"
