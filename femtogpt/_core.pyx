@@ -6,6 +6,8 @@ Reading order (the files are in femtogpt/kernels/, joined below)
   2. threads.pxi      one thread pool (OpenMP), and how work is cut for it
      gemm.pxi         the GEMM front: sgemm from scipy's OpenBLAS, pinned to one
                       thread and called on per-thread slices of the product
+     gemm_bf16.pxi    its bf16 half (gemm_bf16.h: bf16 operands, fp32 sums),
+                      sliced the same way, and the packed weights' types
      vecmath.pxi      exp, sigmoid and dot written so that gcc vectorises them
      checks.pxi       the checks every Python entry point runs first
   3. kernels          <op>_forward / <op>_backward pairs over flat float* buffers,
@@ -24,7 +26,9 @@ Reading order (the files are in femtogpt/kernels/, joined below)
      sampling.pxi     one token from a row of logits: temperature, top-k, top-p
   4. the graph
      layout.pxi       the parameter and activation blocks, each layer's slices of
-                      them and its dropout streams, named once
+                      them and its dropout streams, named once; the bf16 packed
+                      weights and workspace
+     profile.pxi      the opt-in per-op timer (GPT.profile)
      training_graph.pxi  TrainingGraph: forward, backward over the blocks
      decoding.pxi     Decoder: the KV cache and one position's forward; Graph:
                       the TrainingGraph with a Decoder, as femtogpt.model uses it
@@ -61,6 +65,7 @@ Conventions
 include "kernels/buffer.pxi"
 include "kernels/threads.pxi"
 include "kernels/gemm.pxi"
+include "kernels/gemm_bf16.pxi"
 include "kernels/vecmath.pxi"
 include "kernels/checks.pxi"
 
@@ -76,6 +81,7 @@ include "kernels/adamw.pxi"
 include "kernels/sampling.pxi"
 
 include "kernels/layout.pxi"
+include "kernels/profile.pxi"
 include "kernels/training_graph.pxi"
 include "kernels/decoding.pxi"
 include "kernels/generate.pxi"

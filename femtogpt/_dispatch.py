@@ -6,6 +6,9 @@ with another -march. This picks one before anything imports femtogpt._core and
 registers it under that name, so the rest of femtogpt never knows which it got.
 
     FEMTOGPT_CPU=x86-64      force the baseline (or x86-64-v3, x86-64-v4)
+    FEMTOGPT_BF16_PATH=portable   force the bf16 GEMM's path (or avx512bf16, amx;
+                             default auto: the best this CPU runs), for tests
+                             and benchmarks; _core.set_bf16_path() does the same
 
 A build the CPU cannot run is never loaded (it would stop the process with an
 illegal instruction): forcing one is refused with the reason.
@@ -62,11 +65,19 @@ def load_core():
                             f"{target}: the compiled modules come from different builds; "
                             f"reinstall femtogpt")
     sys.modules[f"{__package__}._core"] = module
+    path = os.environ.get("FEMTOGPT_BF16_PATH") or None
+    if path:
+        try:
+            module.set_bf16_path(path)
+        except ValueError as err:
+            raise FemtoGPTError(f"FEMTOGPT_BF16_PATH={path}: {err}") from None
     return module
 
 
 def build_info():
-    """Which build of the core runs, of those installed, and what the CPU runs."""
+    """Which build of the core runs, of those installed, what the CPU runs, and
+    the path bf16 products take (and the paths this CPU has)."""
     from . import _core
     return {"core": _core.TARGET, "built": list(_cpu.BUILT),
-            "cpu": level_name(_cpu.cpu_level())}
+            "cpu": level_name(_cpu.cpu_level()), "bf16": _core.bf16_path(),
+            "bf16_available": _core.bf16_paths_available()}

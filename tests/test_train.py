@@ -288,7 +288,7 @@ def test_checkpoint_holds_the_whole_training_state(tmp_path, data_file):
     assert meta["train_config"]["max_iters"] == 12
     assert meta["model_config"] == {"vocab_size": len(VOCAB), "block_size": 8, "n_layer": 1,
                                     "n_head": 2, "n_embd": 16, "dropout": 0.0,
-                                    "bias": False, "gelu": "exact"}
+                                    "bias": False, "gelu": "exact", "dtype": "fp32"}
     assert meta["tokenizer"] == {"type": "char", "chars": "".join(VOCAB)}
     rows = metrics(cfg.out)
     assert meta["best_val_loss"] == min(r["val_loss"] for r in rows)

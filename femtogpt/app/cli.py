@@ -33,6 +33,9 @@ TRAIN_HELP = {
     "bias": "biases in every Linear and LayerNorm layer (GPT-2 has them; nanoGPT's "
             "train.py trains without)",
     "gelu": "GELU form: exact (erf, nanoGPT's nn.GELU) or tanh (GPT-2's approximation)",
+    "dtype": "arithmetic of the matrix products: fp32, or bf16 (mixed precision as "
+             "PyTorch's autocast: bf16 operands, fp32 sums; weights, optimizer and "
+             "checkpoints stay fp32); a resume keeps the run's unless given",
     "batch_size": "sequences per micro-batch (per step, with --grad-accum 1)",
     "grad_accum": "micro-batches per optimizer step (nanoGPT's gradient_accumulation_steps): "
                   "the same step as one batch N times larger, in one batch's memory",
@@ -95,6 +98,9 @@ def add_train_arguments(parser):
             extra["type"] = tokenizer_argument
         elif f.name == "gelu":
             extra["choices"] = list(GELU_FORMS)
+        elif f.name == "dtype":
+            # not argparse's choices: TrainConfig.validate refuses a bad one in one line
+            extra["metavar"] = "{fp32,bf16}"
         metavar = {int: "N", float: "X", str: "PATH"}[kind]
         if f.name in ("data",):
             metavar = "PATH"

@@ -1,5 +1,8 @@
 # Causal multi-head self-attention: from qkv (c_attn's output) to the heads'
 # outputs side by side (c_proj's input), one (batch, head) per thread.
+# A bf16 graph passes its workspace (bw, gemm_bf16.pxi): then q @ k^T, att @ v
+# and their backward run in bf16 on each thread's scratch (gemm_head); the
+# softmax and its backward stay fp32.
 
 cimport openmp
 from cython.parallel cimport prange
@@ -65,38 +68,41 @@ DEF ATT_KEEP_MAX_FLOATS = 268435456
 
 
 cdef inline void attention_probs(float* att, const float* qkv, int T, int C,
-                                 int hs) noexcept nogil:
+                                 int hs, char* bf16) noexcept nogil:
     # att (T,T) = softmax over the causal past of scale * q @ k^T, for one
     # (batch, head) whose q, k are column blocks of qkv (T, 3C). Forward and
     # backward both call this on the same inputs with the same single-threaded
-    # sgemm, so backward recomputes exactly the probabilities forward used.
+    # sgemm (or bf16 product: bf16 is this thread's bf16 scratch, or NULL), so
+    # backward recomputes exactly the probabilities forward used.
     cdef int ld = qkv_width(C)
-    gemm(False, True, T, T, hs, 1.0 / sqrtf(hs), qkv, ld, qkv + k_col(C), ld, 0.0, att, T)
+    gemm_head(False, True, T, T, hs, 1.0 / sqrtf(hs), qkv, ld, qkv + k_col(C), ld, 0.0, att, T,
+              bf16)
     causal_softmax_rows(att, T)
 
 
 cdef inline void attention_head_forward(float* out, float* att, float* scratch,
                                         const float* qkv, int T, int C, int hs,
                                         float p, uint64_t seed,
-                                        uint64_t first) noexcept nogil:
+                                        uint64_t first, char* bf16) noexcept nogil:
     # One (batch, head). q, k, v are column blocks of qkv (T, 3C): row stride 3C.
     # out: this head's columns of (T, C), row stride C. att (T,T): where the
     # probabilities go (the thread's scratch in training: nothing T x T is kept).
     # scratch (T,T): the dropped-out probabilities.
     cdef const float* v = qkv + v_col(C)
     cdef const float* att_used = att
-    attention_probs(att, qkv, T, C, hs)
+    attention_probs(att, qkv, T, C, hs, bf16)
     if p > 0.0:
         apply_dropout_tt(scratch, att, T, p, seed, first)
         att_used = scratch
     # out = att @ v
-    gemm(False, False, T, hs, T, 1.0, att_used, T, v, qkv_width(C), 0.0, out, C)
+    gemm_head(False, False, T, hs, T, 1.0, att_used, T, v, qkv_width(C), 0.0, out, C, bf16)
 
 
 cdef void attention_forward(float* out, float* att, float* scratch,
                             const float* qkv,
                             int B, int T, int C, int NH,
-                            float p, uint64_t seed, int n_slots) noexcept nogil:
+                            float p, uint64_t seed, int n_slots,
+                            Bf16Work* bw) noexcept nogil:
     # out (B,T,C): heads side by side; qkv (B,T,3C). att (B,NH,T,T) receives the
     # probabilities, or NULL: training keeps none (backward recomputes them, so
     # memory does not grow with L * B * NH * T * T), each head's go to its
@@ -104,6 +110,7 @@ cdef void attention_forward(float* out, float* att, float* scratch,
     cdef int hs = C // NH
     cdef Py_ssize_t bh, b, h, tt = <Py_ssize_t>T * T
     cdef float* slot
+    cdef char* bf16
     cdef int nthreads = openmp.omp_get_max_threads()
     if nthreads > n_slots:
         nthreads = n_slots
@@ -111,17 +118,18 @@ cdef void attention_forward(float* out, float* att, float* scratch,
         b = bh // NH
         h = bh % NH
         slot = scratch + openmp.omp_get_thread_num() * ATT_SLOT * tt
+        bf16 = bf16_thread_scratch(bw) if bw != NULL else NULL
         attention_head_forward(out + b * T * C + h * hs,
                                att + bh * tt if att != NULL else slot + tt, slot,
                                qkv + b * T * qkv_width(C) + h * hs, T, C, hs,
-                               p, seed, <uint64_t>(bh * tt))
+                               p, seed, <uint64_t>(bh * tt), bf16)
 
 
 cdef inline void attention_head_backward(float* dqkv, float* scratch,
                                          const float* dout, const float* qkv,
                                          const float* saved_att, int T, int C, int hs,
                                          float p, uint64_t seed,
-                                         uint64_t first) noexcept nogil:
+                                         uint64_t first, char* bf16) noexcept nogil:
     # One (batch, head): dq, dk, dv are written into this head's columns of dqkv.
     # saved_att (T,T): the probabilities forward kept, or NULL: then they are
     # recomputed into scratch (flash attention's trade: a q @ k^T more, instead
@@ -147,7 +155,7 @@ cdef inline void attention_head_backward(float* dqkv, float* scratch,
     cdef float* drow
     cdef const float* arow
     if att == NULL:
-        attention_probs(scratch + 2 * tt, qkv, T, C, hs)
+        attention_probs(scratch + 2 * tt, qkv, T, C, hs, bf16)
         att = scratch + 2 * tt
     att_used = att
     if p > 0.0:
@@ -155,8 +163,8 @@ cdef inline void attention_head_backward(float* dqkv, float* scratch,
         apply_dropout_tt(att_dropped, att, T, p, seed, first)
         att_used = att_dropped
     # dv = att_used^T @ dout;  datt = dout @ v^T
-    gemm(True, False, T, hs, T, 1.0, att_used, T, dout, C, 0.0, dv, ld)
-    gemm(False, True, T, T, hs, 1.0, dout, C, v, ld, 0.0, datt, T)
+    gemm_head(True, False, T, hs, T, 1.0, att_used, T, dout, C, 0.0, dv, ld, bf16)
+    gemm_head(False, True, T, T, hs, 1.0, dout, C, v, ld, 0.0, datt, T, bf16)
     # through dropout, then softmax: dscore = att * (datt - sum_j att * datt)
     for i in range(T):
         drow = datt + i * T
@@ -173,31 +181,34 @@ cdef inline void attention_head_backward(float* dqkv, float* scratch,
         for j in range(i + 1, T):
             drow[j] = 0.0
     # dq = scale * dscore @ k;  dk = scale * dscore^T @ q
-    gemm(False, False, T, hs, T, scale, datt, T, k, ld, 0.0, dq, ld)
-    gemm(True, False, T, hs, T, scale, datt, T, q, ld, 0.0, dk, ld)
+    gemm_head(False, False, T, hs, T, scale, datt, T, k, ld, 0.0, dq, ld, bf16)
+    gemm_head(True, False, T, hs, T, scale, datt, T, q, ld, 0.0, dk, ld, bf16)
 
 
 cdef void attention_backward(float* dqkv, float* scratch,
                              const float* dout, const float* qkv, const float* att,
                              int B, int T, int C, int NH,
-                             float p, uint64_t seed, int n_slots) noexcept nogil:
+                             float p, uint64_t seed, int n_slots,
+                             Bf16Work* bw) noexcept nogil:
     # dqkv (B,T,3C) written; dout (B,T,C); qkv as saved by forward; att
     # (B,NH,T,T) the probabilities forward kept, or NULL to recompute them;
     # scratch: n_slots * ATT_SLOT * T*T floats
     cdef int hs = C // NH
     cdef Py_ssize_t bh, b, h, tt = <Py_ssize_t>T * T
+    cdef char* bf16
     cdef int nthreads = openmp.omp_get_max_threads()
     if nthreads > n_slots:
         nthreads = n_slots
     for bh in prange(<Py_ssize_t>B * NH, schedule="dynamic", num_threads=nthreads):
         b = bh // NH
         h = bh % NH
+        bf16 = bf16_thread_scratch(bw) if bw != NULL else NULL
         attention_head_backward(dqkv + b * T * qkv_width(C) + h * hs,
                                 scratch + openmp.omp_get_thread_num() * ATT_SLOT * tt,
                                 dout + b * T * C + h * hs,
                                 qkv + b * T * qkv_width(C) + h * hs,
                                 att + bh * tt if att != NULL else NULL,
-                                T, C, hs, p, seed, <uint64_t>(bh * tt))
+                                T, C, hs, p, seed, <uint64_t>(bh * tt), bf16)
 
 
 def _check_attention_sizes(int B, int T, int C, int NH):
@@ -219,7 +230,7 @@ def py_attention_forward(float[::1] out, float[::1] att, const float[::1] qkv,
     scratch = Buffer(n_slots * ATT_SLOT * <Py_ssize_t>T * T)
     with nogil:
         attention_forward(&out[0], &att[0], scratch.data, &qkv[0], B, T, C, NH,
-                          p, seed, <int>n_slots)
+                          p, seed, <int>n_slots, NULL)
 
 
 def py_attention_backward(float[::1] dqkv, const float[::1] dout, const float[::1] qkv,
@@ -240,4 +251,4 @@ def py_attention_backward(float[::1] dqkv, const float[::1] dout, const float[::
     scratch = Buffer(n_slots * ATT_SLOT * <Py_ssize_t>T * T)
     with nogil:
         attention_backward(&dqkv[0], scratch.data, &dout[0], &qkv[0], att_ptr,
-                           B, T, C, NH, p, seed, <int>n_slots)
+                           B, T, C, NH, p, seed, <int>n_slots, NULL)

@@ -224,7 +224,9 @@ cdef class Graph(TrainingGraph):
             self.busy = False
 
     def _prefill(self, const int32_t[:, ::1] idx not None):
-        self._forward_checked(idx, None, 0.0, 0)
+        # fp32 products even in a bf16 graph: the decoder that continues from
+        # this cache is fp32 (sampling in bf16 is another change).
+        self._forward_checked(idx, None, 0.0, 0, False)
         self.decoder.reserve(self.B)
         with nogil:
             self.decoder.fill(&self.a, self.T)

@@ -5,16 +5,12 @@
 # gemm_slice()/gemm_parallel() cut a product into per-thread slices of C so
 # that OpenMP is the only thread pool.
 #
-# Where a bf16 or an int8 target plugs in: the slicing is kept apart from the
-# arithmetic (slice_range, gemm_parts), so a new element type is
-#   1. a `gemm_bf16` (or `gemm_int8`) beside gemm() with the same row-major
-#      argument order, taking `const uint16_t*` bf16 weights (AVX512_BF16's
-#      vdpbf16ps, or OpenBLAS's sbgemm) or `const int8_t*` weights with a
-#      per-row scale, accumulating in fp32 / int32 and writing fp32 C;
-#   2. its `_slice` and `_parallel` twins, which are gemm_slice and
-#      gemm_parallel with the call swapped: they reuse slice_range and
-#      gemm_parts unchanged, so every type splits a product the same way;
-#   3. a weight-format field that matmul_forward (matmul.pxi) switches on.
+# bf16 (gemm_bf16.pxi) plugs in beside it: gemm_bf16.h's products with the
+# same row-major argument order, cut by the same slice_range / gemm_parts
+# (column slices on whole 32-column panels), and matmul_forward/_backward
+# (matmul.pxi) and attention (gemm_head) take the bf16 product when the graph
+# hands them packed weights and a workspace, sgemm when it hands them NULL.
+# An int8 type would follow the same pattern.
 # Each compiled target (setup.py: x86-64, -v3, -v4) includes this file, so a
 # kernel that needs AVX-512 is compiled only where -march allows it, and
 # femtogpt/_dispatch.py already loads the build the CPU runs.

@@ -2,7 +2,7 @@
 # forward saves in the activation block, and each layer's slices of both,
 # named once here (llm.c's style) so that the passes never compute an offset.
 
-from libc.stdint cimport uint64_t
+from libc.stdint cimport uint16_t, uint64_t
 
 
 # The parameter tensors, by the keys femtogpt/model/params.py's table uses. Each
@@ -272,3 +272,99 @@ cdef _check_param_offsets(int V, int max_T, int L, int C, bint bias, dict offset
             raise ValueError(f"parameter {key} at offset {off} does not fit the buffers")
     if params.size != grads.size:
         raise ValueError("params and grads buffers differ in size")
+
+
+# The bf16 graph's packed weights (gemm_bf16.pxi: PackedWeight, both layouts
+# of each matrix), refreshed from the fp32 parameters once per optimizer step.
+cdef struct LayerPacks:
+    PackedWeight qkvw
+    PackedWeight attprojw
+    PackedWeight fcw
+    PackedWeight fcprojw
+
+
+cdef struct LayerPackPtrs:
+    # One layer's packed weights for the products, all NULL in an fp32 pass.
+    const PackedWeight* qkvw
+    const PackedWeight* attprojw
+    const PackedWeight* fcw
+    const PackedWeight* fcprojw
+
+
+cdef inline LayerPackPtrs layer_packs(LayerPacks* packs, Py_ssize_t l) noexcept nogil:
+    cdef LayerPackPtrs k
+    if packs == NULL:
+        k.qkvw = k.attprojw = k.fcw = k.fcprojw = NULL
+    else:
+        k.qkvw = &packs[l].qkvw
+        k.attprojw = &packs[l].attprojw
+        k.fcw = &packs[l].fcw
+        k.fcprojw = &packs[l].fcprojw
+    return k
+
+
+cdef inline void _take16(uint16_t** slot, size_t size, uint16_t* base,
+                         size_t* used) noexcept:
+    # _take for bf16 elements: 32 to a cache line.
+    if base != NULL:
+        slot[0] = base + used[0]
+    used[0] += (size + 31) // 32 * 32
+
+
+cdef inline void _take_weight(PackedWeight* pw, int C_out, int C_in, uint16_t* base,
+                              size_t* used) noexcept:
+    _take16(&pw.wt, gemm_bf16_packed_b_size(C_out, C_in), base, used)
+    _take16(&pw.w, gemm_bf16_packed_b_size(C_in, C_out), base, used)
+
+
+cdef size_t pack_layout(LayerPacks* packs, PackedWeight* lm_head, uint16_t* base,
+                        int L, int C, int V):
+    """Assign the packed weights' pointers from base (or only count): bf16 elements."""
+    cdef size_t used = 0
+    cdef int l
+    for l in range(L):
+        _take_weight(&packs[l].qkvw, qkv_width(C), C, base, &used)
+        _take_weight(&packs[l].attprojw, C, C, base, &used)
+        _take_weight(&packs[l].fcw, 4 * C, C, base, &used)
+        _take_weight(&packs[l].fcprojw, C, 4 * C, base, &used)
+    _take_weight(lm_head, V, C, base, &used)      # the lm_head is wte, (V, C)
+    return used
+
+
+cdef void pack_weight(PackedWeight* pw, const float* W, int C_out, int C_in,
+                      int n_threads) noexcept nogil:
+    # Both layouts of W (C_out, C_in), the threads splitting each one's columns.
+    pack_b_parallel(pw.wt, True, C_out, C_in, W, C_in, n_threads)
+    pack_b_parallel(pw.w, False, C_in, C_out, W, C_in, n_threads)
+
+
+cdef size_t bf16_work_layout(Bf16Work* bw, char* base, int B, int T, int n_slots,
+                             int C, int V, int NH):
+    """Lay out a bf16 workspace for (B, T) from base (or only count): bytes.
+
+    bpack holds the largest activation operand of a weight gradient (fc_proj's
+    input, N x 4C); each thread's scratch the largest A block of any product
+    (the header sizes them), or a whole attention head's operands."""
+    cdef int N = B * T, hs = C // NH
+    cdef size_t stride = 64, s, bpack
+    # (M, K) of every product with a packed B: forward, dx, dweight (the size
+    # does not depend on N when B is packed; a thread's slice has M or fewer rows)
+    for M, K in ((N, C), (N, 4 * C), (N, qkv_width(C)), (N, V),
+                 (qkv_width(C), N), (C, N), (4 * C, N), (V, N)):
+        s = gemm_bf16_scratch_size(M, 1, K, 1)
+        if s > stride:
+            stride = s
+    for s in (gemm_bf16_scratch_size(T, T, hs, 0), gemm_bf16_scratch_size(T, hs, T, 0)):
+        if s > stride:
+            stride = s
+    stride = (stride + 63) // 64 * 64
+    bpack = gemm_bf16_packed_b_size(4 * C, N)
+    if gemm_bf16_packed_b_size(C, N) > bpack:
+        bpack = gemm_bf16_packed_b_size(C, N)
+    bpack = (bpack * 2 + 63) // 64 * 64
+    if base != NULL:
+        bw.bpack = <uint16_t*>base
+        bw.scratch = base + bpack
+        bw.stride = stride
+        bw.n_slots = n_slots
+    return bpack + <size_t>n_slots * stride

@@ -1,6 +1,8 @@
 # The linear layer, y = x @ W^T + b (weights stored (out, in), as PyTorch
 # does): batched through the GEMM front (gemm.pxi) in training and prefill,
 # and as one dot product per output for the handful of rows of decoding.
+# A bf16 graph passes the weight's packed layouts and its workspace (pw, bw:
+# gemm_bf16.pxi); NULL is the fp32 product, sgemm.
 
 cimport openmp
 from cython.parallel cimport prange
@@ -16,10 +18,16 @@ cdef void fill_rows(float* out, const float* row, Py_ssize_t N, int C) noexcept 
 
 cdef void matmul_forward(float* out,
                          const float* inp, const float* weight, const float* bias,
-                         Py_ssize_t N, int C_in, int C_out) noexcept nogil:
+                         Py_ssize_t N, int C_in, int C_out,
+                         const PackedWeight* pw, Bf16Work* bw) noexcept nogil:
     # out (N,C_out) = inp (N,C_in) @ weight (C_out,C_in)^T + bias (C_out, or NULL)
+    # pw NULL: fp32; else bf16 from pw.wt (weight^T packed) with workspace bw.
     if bias != NULL:
         fill_rows(out, bias, N, C_out)
+    if pw != NULL:
+        gemm_bf16_parallel(False, <int>N, C_out, C_in, 1.0, inp, C_in, pw.wt,
+                           1.0 if bias != NULL else 0.0, out, C_out, bw)
+        return
     gemm_parallel(False, True, <int>N, C_out, C_in, 1.0, inp, C_in, weight, C_in,
                   1.0 if bias != NULL else 0.0, out, C_out)
 
@@ -42,16 +50,25 @@ cdef void bias_backward(float* dbias, const float* dout, Py_ssize_t N, int C) no
 
 cdef void matmul_backward(float* dinp, float* dweight, float* dbias,
                           const float* dout, const float* inp, const float* weight,
-                          Py_ssize_t N, int C_in, int C_out) noexcept nogil:
+                          Py_ssize_t N, int C_in, int C_out,
+                          const PackedWeight* pw, Bf16Work* bw) noexcept nogil:
     # dinp (N,C_in) = dout (N,C_out) @ weight (C_out,C_in)      (written)
     # dweight (C_out,C_in) += dout^T @ inp;  dbias (C_out) += column sums of dout
     # dinp may be NULL when the input needs no gradient; dbias NULL when no bias.
+    # pw NULL: fp32; else bf16, dinp from pw.w (weight packed), dweight with inp
+    # packed once into bw.bpack.
     # The two products are independent and equally large: half the threads take
     # each, so each shared operand is packed by BLAS once per half, not once per
     # thread (at 2 threads: one whole product per thread).
     cdef int n_threads = openmp.omp_get_max_threads()
     cdef int half = n_threads // 2, item
-    if dinp != NULL and half >= 1:
+    if pw != NULL:
+        if dinp != NULL:
+            gemm_bf16_parallel(False, <int>N, C_in, C_out, 1.0, dout, C_out, pw.w,
+                               0.0, dinp, C_in, bw)
+        gemm_bf16_parallel_b(True, False, C_out, C_in, <int>N, 1.0, dout, C_out, inp, C_in,
+                             1.0, dweight, C_in, bw)
+    elif dinp != NULL and half >= 1:
         for item in prange(2 * half, schedule="static", num_threads=2 * half):
             if item < half:
                 gemm_slice(item, half, False, False, <int>N, C_in, C_out, 1.0, dout, C_out,
@@ -107,7 +124,7 @@ def py_matmul_forward(float[::1] out, const float[::1] inp, const float[::1] wei
         _need("bias", bias_view.shape[0], C_out)
         bias_ptr = &bias_view[0]
     with nogil:
-        matmul_forward(&out[0], &inp[0], &weight[0], bias_ptr, N, C_in, C_out)
+        matmul_forward(&out[0], &inp[0], &weight[0], bias_ptr, N, C_in, C_out, NULL, NULL)
 
 
 def py_matmul_backward(float[::1] dinp, float[::1] dweight, dbias,
@@ -127,4 +144,4 @@ def py_matmul_backward(float[::1] dinp, float[::1] dweight, dbias,
         dbias_ptr = &dbias_view[0]
     with nogil:
         matmul_backward(&dinp[0], &dweight[0], dbias_ptr, &dout[0], &inp[0], &weight[0],
-                        N, C_in, C_out)
+                        N, C_in, C_out, NULL, NULL)

@@ -2,8 +2,18 @@
 # one gradient block and one activation block laid out once per (B, T)
 # (layout.pxi); AdamW (adamw.pxi) then updates the parameter block in one loop,
 # called by femtogpt/train. Graph (decoding.pxi) is this class with a KV cache.
+#
+# Mixed precision (set_dtype("bf16")), as PyTorch's CPU autocast does it: the
+# parameters, their gradients and everything outside the matrix products stay
+# fp32; every product (the linear layers forward and backward, the lm_head,
+# attention's q @ k^T and att @ v) rounds its operands to bf16 and accumulates
+# in fp32 (gemm_bf16.pxi). The weights' bf16 copies are packed once after each
+# change (weights_changed(): the model calls it whenever it hands out writable
+# weight memory, AdamW's step included) at the start of the next forward, so
+# gradient accumulation packs once per optimizer step, not per micro-batch.
 
-from libc.stdint cimport int32_t, uint64_t
+from cpython.mem cimport PyMem_Malloc, PyMem_Free
+from libc.stdint cimport int32_t, uint16_t, uint64_t
 from libc.string cimport memset
 import numpy as np
 
@@ -29,6 +39,16 @@ cdef class TrainingGraph:
     cdef uint64_t seed
     cdef int32_t[::1] idx, targets
     cdef bint busy            # a call is running (see _acquire)
+    # bf16 (set_dtype): packed weights, allocated once, and a workspace per (B, T)
+    cdef readonly bint bf16             # the matrix products run in bf16
+    cdef readonly Py_ssize_t pack_count  # times the weights were packed (tests)
+    cdef bint packs_stale               # the fp32 weights changed since the last pack
+    cdef bint fwd_bf16                  # the last forward's products were bf16
+    cdef Buffer packs_buf, bf16_buf
+    cdef LayerPacks* packs              # (L) per-layer packed weights, or NULL
+    cdef PackedWeight lm_pack           # wte, packed for the lm_head
+    cdef Bf16Work bw
+    cdef Profile prof
 
     def __init__(self, int V, int max_T, int L, int NH, int C,
                  Buffer params not None, Buffer grads not None, dict offsets not None,
@@ -46,8 +66,83 @@ cdef class TrainingGraph:
         self.B = self.T = 0
         self.has_targets = False
         self.busy = False
+        self.bf16 = False
+        self.packs_stale = True
+        self.fwd_bf16 = False
+        self.prof.on = False
+        prof_reset(&self.prof)
 
-    cdef _prepare(self, int B, int T):
+    def __dealloc__(self):
+        PyMem_Free(self.packs)
+
+    # -- dtype --------------------------------------------------------------------
+
+    def set_dtype(self, str dtype):
+        """"fp32" (sgemm) or "bf16" (mixed precision: see the top of this file).
+        The first switch to bf16 allocates the packed weights (the size of the
+        fp32 weights: two bf16 layouts of each matrix)."""
+        if dtype not in ("fp32", "bf16"):
+            raise ValueError(f"dtype must be fp32 or bf16, got {dtype!r}")
+        if self.busy:
+            raise RuntimeError("set_dtype() while this model is running a call")
+        if dtype == "bf16" and self.packs == NULL:
+            self.packs = <LayerPacks*>PyMem_Malloc(self.L * sizeof(LayerPacks))
+            if self.packs == NULL:
+                raise MemoryError()
+            need = pack_layout(self.packs, &self.lm_pack, NULL, self.L, self.C, self.V)
+            self.packs_buf = Buffer((need + 1) // 2)
+            pack_layout(self.packs, &self.lm_pack, <uint16_t*>self.packs_buf.data,
+                        self.L, self.C, self.V)
+        self.bf16 = dtype == "bf16"
+        self.packs_stale = True
+
+    @property
+    def dtype(self):
+        return "bf16" if self.bf16 else "fp32"
+
+    def weights_changed(self):
+        """The fp32 weights may have changed: repack the bf16 copies at the next
+        forward. Cheap (a flag); the model calls it on every writable access."""
+        self.packs_stale = True
+
+    cdef void _pack_weights(self) noexcept nogil:
+        # Both layouts of every matrix, from the fp32 parameters.
+        cdef int C = self.C, l, n = openmp.omp_get_max_threads()
+        cdef LayerParams lw
+        for l in range(self.L):
+            lw = layer_params(&self.p, l, C)
+            pack_weight(&self.packs[l].qkvw, lw.qkvw, qkv_width(C), C, n)
+            pack_weight(&self.packs[l].attprojw, lw.attprojw, C, C, n)
+            pack_weight(&self.packs[l].fcw, lw.fcw, 4 * C, C, n)
+            pack_weight(&self.packs[l].fcprojw, lw.fcprojw, C, 4 * C, n)
+        pack_weight(&self.lm_pack, self.p.wte, self.V, C, n)
+        self.packs_stale = False
+        self.pack_count += 1
+
+    # -- profile ------------------------------------------------------------------
+
+    def profile(self, bint on=True):
+        self.prof.on = on
+
+    @property
+    def profiling(self):
+        return self.prof.on
+
+    def profile_reset(self):
+        prof_reset(&self.prof)
+
+    def profile_report(self):
+        return prof_report(&self.prof)
+
+    def profile_add(self, str op, str phase, double seconds, double flops=0.0):
+        """Charge time measured outside the graph (the optimizer's kernels)."""
+        cdef int o = OP_NAMES.index(op), ph = PHASE_NAMES.index(phase)
+        if self.prof.on:
+            self.prof.seconds[o][ph] += seconds
+            self.prof.flops[o][ph] += flops
+            self.prof.calls[o][ph] += 1
+
+    cdef _prepare(self, int B, int T, bint mixed=False):
         # Grow the activation block when (B, T) needs more room, then lay it out.
         cdef int n_slots = openmp.omp_get_max_threads()
         cdef Py_ssize_t need = activation_layout(&self.a, NULL, B, T, n_slots,
@@ -57,6 +152,14 @@ cdef class TrainingGraph:
             self.acts_buf = Buffer(need)
         activation_layout(&self.a, self.acts_buf.data, B, T, n_slots,
                           self.C, self.L, self.V, self.NH)
+        if mixed:
+            # bytes, in a Buffer of floats
+            need = bf16_work_layout(&self.bw, NULL, B, T, n_slots, self.C, self.V, self.NH)
+            if self.bf16_buf is None or self.bf16_buf.size * 4 < need:
+                self.bf16_buf = None
+                self.bf16_buf = Buffer((need + 3) // 4)
+            bf16_work_layout(&self.bw, <char*>self.bf16_buf.data, B, T, n_slots,
+                             self.C, self.V, self.NH)
         self.n_slots = n_slots
         self.B, self.T = B, T
 
@@ -111,7 +214,9 @@ cdef class TrainingGraph:
             self.busy = False
 
     def _forward_checked(self, const int32_t[:, ::1] idx not None, targets,
-                         float dropout, uint64_t seed):
+                         float dropout, uint64_t seed, bint mixed=True):
+        # mixed=False: fp32 products even in a bf16 graph (prefill: sampling
+        # is fp32 for now, as the decoder is).
         cdef int B = idx.shape[0], T = idx.shape[1]
         # Until this forward has fully succeeded, backward() is not allowed: a
         # rejected call must not leave the previous call's state half replaced.
@@ -120,9 +225,15 @@ cdef class TrainingGraph:
         self.idx = new_idx
         if new_targets is not None:
             self.targets = new_targets
-        self._prepare(B, T)
+        self.fwd_bf16 = self.bf16 and mixed
+        self._prepare(B, T, self.fwd_bf16)
         self.dropout, self.seed = dropout, seed
+        cdef double t
         with nogil:
+            if self.fwd_bf16 and self.packs_stale:
+                t = prof_start(&self.prof)
+                self._pack_weights()
+                prof_mark(&self.prof, OP_BF16_PACK, PH_OPTIMIZER, t, 0.0)
             self._forward(targets is not None)
         self.has_targets = targets is not None
         self.logits_are_gradient = False
@@ -135,10 +246,12 @@ cdef class TrainingGraph:
         # inputs, so the same numbers bit for bit.
         if self.logits_are_gradient:
             matmul_forward(self.a.logits, self.a.lnf, self.p.wte, NULL,
-                           <Py_ssize_t>self.B * self.T, self.C, self.V)
+                           <Py_ssize_t>self.B * self.T, self.C, self.V,
+                           &self.lm_pack if self.fwd_bf16 else NULL, &self.bw)
             self.logits_are_gradient = False
 
     cdef void _forward(self, bint with_targets) noexcept nogil:
+        # Each kernel call is followed by its profile mark (one branch when off).
         cdef int B = self.B, T = self.T, C = self.C, NH = self.NH, V = self.V
         cdef Py_ssize_t N = <Py_ssize_t>B * T, l
         cdef Py_ssize_t NC = N * C
@@ -151,43 +264,73 @@ cdef class TrainingGraph:
         cdef LayerDropout ld
         cdef double total = 0.0
         cdef Py_ssize_t n
+        # bf16: the packed weights and the workspace; NULL: fp32 products
+        cdef Bf16Work* bw = &self.bw if self.fwd_bf16 else NULL
+        cdef LayerPacks* packs = self.packs if self.fwd_bf16 else NULL
+        cdef LayerPackPtrs lk
+        cdef Profile* pr = &self.prof
+        cdef double mm = 2.0 * N * C * C        # FLOPs of an N x C x C product
+        cdef double att_flops = 4.0 * B * T * <double>T * C
+        cdef double t = prof_start(pr)
         encoder_forward(a.encoded, &self.idx[0], w.wte, w.wpe, B, T, C)
+        t = prof_mark(pr, OP_EMBEDDING, PH_FORWARD, t, 0.0)
         if p > 0.0:
             dropout_forward(a.encoded, a.encoded, NC, p, embedding_dropout_seed(self.seed))
+            t = prof_mark(pr, OP_DROPOUT, PH_FORWARD, t, 0.0)
         for l in range(self.L):
             lw = layer_params(w, l, C)
             la = layer_acts(a, l, N, C, att_size)
             ld = layer_dropout(self.seed, l)
+            lk = layer_packs(packs, l)
             # x = x + dropout(c_proj(attention(ln_1(x))))
             layernorm_forward(la.ln1, la.ln1_mean, la.ln1_rstd, la.res_in, lw.ln1w, lw.ln1b,
                               N, C)
-            matmul_forward(la.qkv, la.ln1, lw.qkvw, lw.qkvb, N, C, qkv_width(C))
+            t = prof_mark(pr, OP_LAYERNORM, PH_FORWARD, t, 0.0)
+            matmul_forward(la.qkv, la.ln1, lw.qkvw, lw.qkvb, N, C, qkv_width(C), lk.qkvw, bw)
+            t = prof_mark(pr, OP_QKV, PH_FORWARD, t, 3 * mm)
             attention_forward(la.atty, la.att, a.att_scratch, la.qkv, B, T, C, NH,
-                              p, ld.att, self.n_slots)
-            matmul_forward(a.branch, la.atty, lw.attprojw, lw.attprojb, N, C, C)
+                              p, ld.att, self.n_slots, bw)
+            t = prof_mark(pr, OP_ATTENTION, PH_FORWARD, t, att_flops)
+            matmul_forward(a.branch, la.atty, lw.attprojw, lw.attprojb, N, C, C,
+                           lk.attprojw, bw)
+            t = prof_mark(pr, OP_ATTPROJ, PH_FORWARD, t, mm)
             if p > 0.0:
                 dropout_forward(a.branch, a.branch, NC, p, ld.att_proj)
+                t = prof_mark(pr, OP_DROPOUT, PH_FORWARD, t, 0.0)
             residual_forward(la.res2, la.res_in, a.branch, NC)
+            t = prof_mark(pr, OP_RESIDUAL, PH_FORWARD, t, 0.0)
             # x = x + dropout(c_proj(gelu(c_fc(ln_2(x)))))
             layernorm_forward(la.ln2, la.ln2_mean, la.ln2_rstd, la.res2, lw.ln2w, lw.ln2b,
                               N, C)
-            matmul_forward(la.fch, la.ln2, lw.fcw, lw.fcb, N, C, 4 * C)
+            t = prof_mark(pr, OP_LAYERNORM, PH_FORWARD, t, 0.0)
+            matmul_forward(la.fch, la.ln2, lw.fcw, lw.fcb, N, C, 4 * C, lk.fcw, bw)
+            t = prof_mark(pr, OP_FC, PH_FORWARD, t, 4 * mm)
             if self.gelu_exact:
                 gelu_exact_forward(la.fch_gelu, la.fch, 4 * NC)
             else:
                 gelu_tanh_forward(la.fch_gelu, la.fch, 4 * NC)
-            matmul_forward(a.branch, la.fch_gelu, lw.fcprojw, lw.fcprojb, N, 4 * C, C)
+            t = prof_mark(pr, OP_GELU, PH_FORWARD, t, 0.0)
+            matmul_forward(a.branch, la.fch_gelu, lw.fcprojw, lw.fcprojb, N, 4 * C, C,
+                           lk.fcprojw, bw)
+            t = prof_mark(pr, OP_FCPROJ, PH_FORWARD, t, 4 * mm)
             if p > 0.0:
                 dropout_forward(a.branch, a.branch, NC, p, ld.mlp_proj)
+                t = prof_mark(pr, OP_DROPOUT, PH_FORWARD, t, 0.0)
             residual_forward(la.res3, la.res2, a.branch, NC)
+            t = prof_mark(pr, OP_RESIDUAL, PH_FORWARD, t, 0.0)
         la = layer_acts(a, self.L - 1, N, C, att_size)     # the last block's output
         layernorm_forward(a.lnf, a.lnf_mean, a.lnf_rstd, la.res3, w.lnfw, w.lnfb, N, C)
-        matmul_forward(a.logits, a.lnf, w.wte, NULL, N, C, V)     # lm_head tied to wte
+        t = prof_mark(pr, OP_LAYERNORM, PH_FORWARD, t, 0.0)
+        # lm_head tied to wte
+        matmul_forward(a.logits, a.lnf, w.wte, NULL, N, C, V,
+                       &self.lm_pack if bw != NULL else NULL, bw)
+        t = prof_mark(pr, OP_LM_HEAD, PH_FORWARD, t, 2.0 * N * C * V)
         if with_targets:
             crossentropy_forward(a.losses, a.lse, a.logits, &self.targets[0], N, V)
             for n in range(N):
                 total += a.losses[n]
             self.loss = total / N
+            prof_mark(pr, OP_LOSS, PH_FORWARD, t, 0.0)
 
     # -- backward -------------------------------------------------------------------
 
@@ -225,49 +368,75 @@ cdef class TrainingGraph:
         cdef LayerActs la
         cdef LayerDropout ld
         cdef float* dbranch
+        cdef Bf16Work* bw = &self.bw if self.fwd_bf16 else NULL
+        cdef LayerPacks* packs = self.packs if self.fwd_bf16 else NULL
+        cdef LayerPackPtrs lk
+        cdef Profile* pr = &self.prof
+        cdef double mm = 4.0 * N * C * C        # FLOPs of dx and dW of an N x C x C product
+        # dv, d(att), dq, dk; and q @ k^T again when the probabilities were not kept
+        cdef double att_flops = (8.0 if a.att != NULL else 10.0) * B * T * <double>T * C
+        cdef double t = prof_start(pr)
         # In place: the logits become their gradient (the row's lse is all that
         # softmax needs), so the (N, V) block is held once, not twice.
         crossentropy_backward(a.logits, a.logits, a.lse, &self.targets[0], dloss, N, V)
-        matmul_backward(a.dln, g.wte, NULL, a.logits, a.lnf, w.wte, N, C, V)
+        t = prof_mark(pr, OP_LOSS, PH_BACKWARD, t, 0.0)
+        matmul_backward(a.dln, g.wte, NULL, a.logits, a.lnf, w.wte, N, C, V,
+                        &self.lm_pack if bw != NULL else NULL, bw)
+        t = prof_mark(pr, OP_LM_HEAD, PH_BACKWARD, t, 4.0 * N * C * V)
         memset(a.dres, 0, NC * sizeof(float))
         la = layer_acts(a, self.L - 1, N, C, att_size)
         layernorm_backward(a.dres, g.lnfw, g.lnfb, a.dln, la.res3, w.lnfw, a.lnf_mean,
                            a.lnf_rstd, N, C)
+        t = prof_mark(pr, OP_LAYERNORM, PH_BACKWARD, t, 0.0)
         for l in range(self.L - 1, -1, -1):
             lw = layer_params(w, l, C)
             lg = layer_params(g, l, C)
             la = layer_acts(a, l, N, C, att_size)
             ld = layer_dropout(self.seed, l)
+            lk = layer_packs(packs, l)
             # mlp branch
             dbranch = a.dres
             if p > 0.0:
                 dropout_backward(a.dbranch, a.dres, NC, p, ld.mlp_proj)
                 dbranch = a.dbranch
+                t = prof_mark(pr, OP_DROPOUT, PH_BACKWARD, t, 0.0)
             matmul_backward(a.dfch, lg.fcprojw, lg.fcprojb, dbranch, la.fch_gelu, lw.fcprojw,
-                            N, 4 * C, C)
+                            N, 4 * C, C, lk.fcprojw, bw)
+            t = prof_mark(pr, OP_FCPROJ, PH_BACKWARD, t, 4 * mm)
             if self.gelu_exact:
                 gelu_exact_backward(a.dfch, la.fch, a.dfch, 4 * NC)
             else:
                 gelu_tanh_backward(a.dfch, la.fch, a.dfch, 4 * NC)
-            matmul_backward(a.dln, lg.fcw, lg.fcb, a.dfch, la.ln2, lw.fcw, N, C, 4 * C)
+            t = prof_mark(pr, OP_GELU, PH_BACKWARD, t, 0.0)
+            matmul_backward(a.dln, lg.fcw, lg.fcb, a.dfch, la.ln2, lw.fcw, N, C, 4 * C,
+                            lk.fcw, bw)
+            t = prof_mark(pr, OP_FC, PH_BACKWARD, t, 4 * mm)
             layernorm_backward(a.dres, lg.ln2w, lg.ln2b, a.dln, la.res2, lw.ln2w,
                                la.ln2_mean, la.ln2_rstd, N, C)
+            t = prof_mark(pr, OP_LAYERNORM, PH_BACKWARD, t, 0.0)
             # attention branch
             dbranch = a.dres
             if p > 0.0:
                 dropout_backward(a.dbranch, a.dres, NC, p, ld.att_proj)
                 dbranch = a.dbranch
+                t = prof_mark(pr, OP_DROPOUT, PH_BACKWARD, t, 0.0)
             matmul_backward(a.dln, lg.attprojw, lg.attprojb, dbranch, la.atty, lw.attprojw,
-                            N, C, C)
+                            N, C, C, lk.attprojw, bw)
+            t = prof_mark(pr, OP_ATTPROJ, PH_BACKWARD, t, mm)
             attention_backward(a.dqkv, a.att_scratch, a.dln, la.qkv, la.att, B, T, C, NH,
-                               p, ld.att, self.n_slots)
+                               p, ld.att, self.n_slots, bw)
+            t = prof_mark(pr, OP_ATTENTION, PH_BACKWARD, t, att_flops)
             matmul_backward(a.dln, lg.qkvw, lg.qkvb, a.dqkv, la.ln1, lw.qkvw, N, C,
-                            qkv_width(C))
+                            qkv_width(C), lk.qkvw, bw)
+            t = prof_mark(pr, OP_QKV, PH_BACKWARD, t, 3 * mm)
             layernorm_backward(a.dres, lg.ln1w, lg.ln1b, a.dln, la.res_in, lw.ln1w,
                                la.ln1_mean, la.ln1_rstd, N, C)
+            t = prof_mark(pr, OP_LAYERNORM, PH_BACKWARD, t, 0.0)
         if p > 0.0:
             dropout_backward(a.dres, a.dres, NC, p, embedding_dropout_seed(self.seed))
+            t = prof_mark(pr, OP_DROPOUT, PH_BACKWARD, t, 0.0)
         encoder_backward(g.wte, g.wpe, a.dres, &self.idx[0], B, T, C)
+        prof_mark(pr, OP_EMBEDDING, PH_BACKWARD, t, 0.0)
 
 
 cdef tuple _owned_batch(const int32_t[:, ::1] idx, targets, float dropout, int V, int max_T):

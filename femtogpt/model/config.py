@@ -10,6 +10,11 @@ import numpy as np
 from ..errors import ConfigError
 
 GELU_FORMS = ("tanh", "exact")
+# fp32, or bf16 mixed precision (the matrix products' operands in bf16, fp32
+# accumulation; weights, optimizer and everything else fp32: _core's
+# training_graph.pxi). Not architecture: checkpoints hold fp32 weights, so a
+# model file loads in either.
+DTYPES = ("fp32", "bf16")
 
 
 @dataclass
@@ -24,6 +29,7 @@ class GPTConfig:
     # tanh GELU; nanoGPT's train.py trains with bias=False and the exact GELU.
     bias: bool = True
     gelu: str = "tanh"        # "tanh" (GPT-2's approximation) or "exact" (erf)
+    dtype: str = "fp32"       # "fp32" or "bf16" (mixed precision, see DTYPES)
 
     def __post_init__(self):
         for f in fields(self):
@@ -32,6 +38,11 @@ class GPTConfig:
                 if not isinstance(value, (bool, np.bool_)):
                     raise ConfigError(f"bias must be True or False, got {value!r}")
                 self.bias = bool(value)
+                continue
+            if f.name == "dtype":
+                if value not in DTYPES:
+                    raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, "
+                                      f"got {value!r}")
                 continue
             if f.name == "gelu":
                 if value not in GELU_FORMS:

@@ -11,6 +11,13 @@ over one buffer), and AdamW's moments (femtogpt.train) in two more. Per-layer
 tensors are stacked over layers, (L, ...), and the tensors that get weight decay
 (rank >= 2) come first, so AdamW is one pass with a split index. state_dict()
 names the same memory the way nanoGPT does.
+
+dtype "bf16" (config.dtype, set_dtype) runs the matrix products in bf16 with
+fp32 accumulation; the weights stay fp32 and the core keeps packed bf16
+copies, refreshed at the next forward after any change. Every access that
+hands out writable weight memory (params_flat, state_views, named_views of
+the parameters, load_state_dict, the initialisation) marks them stale; a
+write through a view kept from before a forward must call weights_changed().
 """
 import math
 
@@ -74,23 +81,88 @@ class GPT:
         self._params = _core.Buffer(n_total + GRAD_TAIL)
         self._grads = _core.Buffer(n_total + GRAD_TAIL)
         # Flat views of the whole blocks: what AdamW and clipping use.
-        self.params_flat = np.asarray(self._params)[:n_total]
+        self._params_flat = np.asarray(self._params)[:n_total]
         self.grads_flat = np.asarray(self._grads)[:n_total]
         # The gradients and their tail: what a data-parallel allreduce sums.
         self.grads_with_tail = np.asarray(self._grads)
         self._offsets = offsets
-        self._stacked_params = self._stacked_views(self.params_flat, offsets)
+        self._stacked_params = self._stacked_views(self._params_flat, offsets)
         self._stacked_grads = self._stacked_views(self.grads_flat, offsets)
         self._graph = _core.Graph(config.vocab_size, config.block_size, config.n_layer,
                                   config.n_head, config.n_embd, self._params, self._grads,
                                   offsets, bias=config.bias,
                                   gelu_exact=config.gelu == "exact")
+        self._graph.set_dtype(config.dtype)
         self._named_params = self._named_views(self._stacked_params)
         self._named_grads = self._named_views(self._stacked_grads)
         self.dropout_seed = int(seed)
         self.dropout_calls = 0       # training forwards so far: each gets fresh masks
         if init:
             self._init_weights(seed)
+
+    # -- weights and dtype -------------------------------------------------------------
+
+    @property
+    def params_flat(self):
+        """The whole parameter block, flat (writable: AdamW updates it in place)."""
+        self._graph.weights_changed()
+        return self._params_flat
+
+    def weights_changed(self):
+        """Say that the weights were written through a view handed out earlier
+        (bf16: the packed copies are refreshed at the next forward)."""
+        self._graph.weights_changed()
+
+    def set_dtype(self, dtype):
+        """Run the matrix products in "fp32" or "bf16" from now on (config.dtype)."""
+        from .config import DTYPES
+        if dtype not in DTYPES:
+            from ..errors import ConfigError
+            raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        self._graph.set_dtype(dtype)
+        self.config.dtype = dtype
+        return self
+
+    # -- profile ---------------------------------------------------------------------
+
+    def profile(self, on=True):
+        """Time every kernel of forward, backward and the optimizer (off by default;
+        off costs one branch per kernel call).
+
+        profile_report() then returns, summed since the last profile_reset(),
+        one dict per (op, phase) that ran:
+            {"op": str, "phase": "forward" | "backward" | "optimizer",
+             "seconds": float, "flops": float, "calls": int}
+        op is the kind of layer, summed over layers: "embedding", "layernorm",
+        "qkv" (c_attn), "attention" (q @ k^T, softmax, dropout, att @ v),
+        "attproj", "residual", "dropout" (the embeddings' and the branches';
+        attention's own is inside "attention"), "fc", "gelu", "fcproj",
+        "lm_head", "loss" (softmax + cross-entropy), and in the optimizer phase
+        "bf16_pack" (bf16 only: both packed layouts of every matrix, at the
+        first forward after a change), "adamw" and "grad_norm" (their calls
+        through femtogpt.train.optim). flops counts the matrix products as
+        computed, 2 per multiply-add (attention: its full T x T, 4*B*T*T*C
+        forward, 8 backward, 10 when it recomputes the probabilities), and is
+        0 for every other op. The clock is omp_get_wtime; the time between two
+        kernels goes to the next one.
+        """
+        self._graph.profile(bool(on))
+        return self
+
+    @property
+    def profiling(self):
+        return self._graph.profiling
+
+    def profile_reset(self):
+        self._graph.profile_reset()
+
+    def profile_report(self):
+        """[{"op", "phase", "seconds", "flops", "calls"}] (see profile())."""
+        return self._graph.profile_report()
+
+    def profile_add(self, op, phase, seconds, flops=0.0):
+        """Charge time measured outside the graph (the optimizer) to (op, phase)."""
+        self._graph.profile_add(op, phase, float(seconds), float(flops))
 
     # -- layout -------------------------------------------------------------------
 
@@ -105,8 +177,10 @@ class GPT:
 
     def named_views(self, flat):
         """{name: view} into any flat array laid out like params_flat (e.g. AdamW moments)."""
-        if flat.shape != self.params_flat.shape:
-            raise ValueError(f"flat array has shape {flat.shape}, expected {self.params_flat.shape}")
+        if flat.shape != self._params_flat.shape:
+            raise ValueError(f"flat array has shape {flat.shape}, expected {self._params_flat.shape}")
+        if np.may_share_memory(flat, self._params_flat):
+            self._graph.weights_changed()
         return self._named_views(self._stacked_views(flat, self._offsets))
 
     def _init_weights(self, seed):
@@ -114,7 +188,8 @@ class GPT:
         # biases 0, LayerNorm weights 1. Filled in state_dict order from one stream.
         rng = np.random.default_rng(seed)
         std = {"normal": 0.02, "proj": 0.02 / np.sqrt(2 * self.config.n_layer)}
-        self.params_flat[:] = 0.0
+        self._graph.weights_changed()
+        self._params_flat[:] = 0.0
         for name, p, _ in params.state_names(self.config):
             view = self._named_params[name]
             if p.init == "ones":
@@ -130,7 +205,9 @@ class GPT:
     def state_views(self):
         """{nanoGPT name: view into the model's own memory}: what saving and
         loading a checkpoint read and write directly (no copy). Writing into a
-        view changes the model."""
+        view changes the model (bf16: write before the next forward, or call
+        weights_changed())."""
+        self._graph.weights_changed()
         return dict(self._named_params)
 
     def state_dict(self):
@@ -165,6 +242,7 @@ class GPT:
         # Only after every check passed: nothing is half-loaded on error.
         for name, value in arrays.items():
             self._named_params[name][...] = value
+        self._graph.weights_changed()
 
     # -- compute ----------------------------------------------------------------------
 

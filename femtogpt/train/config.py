@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import ConfigError
-from ..model import GELU_FORMS
+from ..model import DTYPES, GELU_FORMS
 from ..text.registry import TOKENIZER_KINDS
 from ..text.sentencepiece_tokenizer import is_model_path
 
@@ -37,6 +37,8 @@ class TrainConfig:
     dropout: float = 0.0
     bias: bool = False        # biases in Linear and LayerNorm layers (GPT-2: yes)
     gelu: str = "exact"       # GELU form: exact (erf, nanoGPT's nn.GELU) or tanh (GPT-2)
+    # not architecture: a resume keeps it unless given, --init-from may change it
+    dtype: str = "fp32"       # fp32, or bf16 mixed precision (model/config.py: DTYPES)
     # optimisation
     batch_size: int = 12
     grad_accum: int = 1       # micro-batches of batch_size per optimizer step
@@ -69,6 +71,8 @@ class TrainConfig:
             raise ConfigError(f"bias must be True or False, got {self.bias!r}")
         if self.gelu not in GELU_FORMS:
             raise ConfigError(f"--gelu must be {' or '.join(GELU_FORMS)}, got {self.gelu!r}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"--dtype must be {' or '.join(DTYPES)}, got {self.dtype!r}")
         if self.tokenizer not in TOKENIZER_KINDS + ("gpt2",) and not is_model_path(
                 self.tokenizer):
             raise ConfigError(f"--tokenizer must be one of {', '.join(TOKENIZER_KINDS)} or a "

@@ -42,9 +42,13 @@ class AdamW:
     def step(self, lr, grad_scale=1.0):
         self.step_count += 1
         m = self.model
+        t = _core.py_wtime() if m.profiling else 0.0
+        # m.params_flat also tells a bf16 model that its weights change here.
         _core.py_adamw_update(m.params_flat, self.exp_avg, self.exp_avg_sq, m.grads_flat,
                               m.n_decay, lr, self.beta1, self.beta2, self.eps,
                               self.weight_decay, grad_scale, self.step_count)
+        if m.profiling:
+            m.profile_add("adamw", "optimizer", _core.py_wtime() - t)
 
     def state_views(self):
         """{checkpoint name: view of the moments' own memory} (saved without a copy)."""
@@ -60,4 +64,8 @@ class AdamW:
 
 
 def grad_norm(model):
-    return math.sqrt(_core.py_sum_of_squares(model.grads_flat))
+    t = _core.py_wtime() if model.profiling else 0.0
+    norm = math.sqrt(_core.py_sum_of_squares(model.grads_flat))
+    if model.profiling:
+        model.profile_add("grad_norm", "optimizer", _core.py_wtime() - t)
+    return norm

@@ -132,7 +132,8 @@ class Run:
                 model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size,
                                       block_size=cfg.block_size, n_layer=cfg.n_layer,
                                       n_head=cfg.n_head, n_embd=cfg.n_embd,
-                                      dropout=cfg.dropout, bias=cfg.bias, gelu=cfg.gelu),
+                                      dropout=cfg.dropout, bias=cfg.bias, gelu=cfg.gelu,
+                                      dtype=cfg.dtype),
                             seed=cfg.seed)
             self.model, self.tokenizer = model, tokenizer
             self.optimizer = AdamW(model, cfg.beta1, cfg.beta2, weight_decay=cfg.weight_decay)

@@ -89,6 +89,11 @@ def init_from(cfg, source, explicit, recipe, log):
     model.dropout_seed = cfg.seed
     if cfg.dropout != mc.dropout:
         model.config.dropout = cfg.dropout
+    # dtype is not architecture (the weights are fp32 in every file): the new
+    # run's own, given or the default.
+    if cfg.dtype != mc.dtype:
+        log(f"training in {cfg.dtype} (the model in {source} was trained in {mc.dtype})")
+    model.set_dtype(cfg.dtype)
     log(f"initialised from {file} (fresh optimizer)")
     return model, tokenizer
 
@@ -130,6 +135,9 @@ def resume_settings(cfg, explicit, meta, model, tokenizer, path, log):
             log(f"resuming with {f.name} {getattr(cfg, f.name)} (was {saved[f.name]})")
     if "data" not in explicit and "data" in saved:
         cfg.data = saved["data"]
+    # dtype continued as saved (a run from before it trained in fp32), or changed
+    # as said above; the checkpoint's weights are fp32 either way.
+    model.set_dtype(cfg.dtype)
 
 
 def open_corpus(cfg, comm, cache_root, tokenizer, prefer_fit, progress, log):
