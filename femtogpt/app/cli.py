@@ -236,18 +236,36 @@ def build_parser():
     p_verify.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                           help="show the full traceback on errors")
     p_export = sub.add_parser(
-        "export", help="write a model as a Hugging Face GPT-2 folder",
+        "export", help="write a model as a Hugging Face GPT-2 folder or a GGUF file",
         description="Write a run's model (or a checkpoint, or a Hugging Face folder) as a "
                     "Hugging Face GPT-2 folder: config.json, model.safetensors in Hugging "
                     "Face's names and Conv1D layout, and GPT-2's tokenizer files, so that "
-                    "transformers' GPT2LMHeadModel.from_pretrained(DIR) loads it. The "
-                    "folder appears whole or not at all.")
-    p_export.add_argument("source", metavar="RUN", help="a run directory or checkpoint file")
-    p_export.add_argument("--to", required=True, metavar="DIR", help="the folder to write")
+                    "transformers' GPT2LMHeadModel.from_pretrained(DIR) loads it; or, when "
+                    "--to ends in .gguf, as a GGUF file in llama.cpp's GPT-2 layout with its "
+                    "tokenizer inside (llama.cpp, ollama and LM Studio run it). The folder "
+                    "or file appears whole or not at all.")
+    p_export.add_argument("source", metavar="RUN",
+                          help="a run directory, a checkpoint file or a Hugging Face folder")
+    p_export.add_argument("--to", required=True, metavar="DIR_OR_FILE.gguf",
+                          help="the folder to write, or a FILE.gguf")
+    p_export.add_argument("--dtype", default=None, metavar="{f32,bf16,q8_0}",
+                          help="GGUF only: the matrices' type (embeddings too; LayerNorms, "
+                               "biases and positions stay f32, as llama.cpp's converter "
+                               "keeps them) (default: f32)")
     p_export.add_argument("--overwrite", action="store_true",
-                          help="replace DIR if it is not empty")
+                          help="replace DIR if it is not empty, or FILE.gguf if it exists")
     p_export.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                           help="show the full traceback on errors")
+    p_eval = sub.add_parser(
+        "eval", help="a model's loss and bits per character on a text",
+        description="Score every token of a text, once, in non-overlapping windows of the "
+                    "model's context (batched, on every thread), and print the mean loss, "
+                    "bits per character and per token: on the run's held-out split (the "
+                    "one training evaluated) or on all of --data.")
+    from .evaluate import add_eval_arguments
+    add_eval_arguments(p_eval)
+    p_eval.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the full traceback on errors")
     p_serve = sub.add_parser(
         "serve", help="a playground in the browser: live runs, sampling, inside the model",
         description="Serve a page (http://127.0.0.1:8000 by default) that lists the runs "
@@ -321,12 +339,28 @@ def prepare_command(args):
 
 def export_command(args):
     from ..files import load
-    from ..files.hf import export_hf
+    gguf = args.to.lower().endswith(".gguf")
+    if gguf:
+        from ..files.gguf_file import check_dtype, check_target, export_gguf
+        dtype = check_dtype(args.dtype or "f32")
+        check_target(args.to, args.overwrite)       # before the model is read
+    elif args.dtype is not None:
+        from ..errors import ConfigError
+        raise ConfigError(f"--dtype {args.dtype} is for a GGUF file (--to FILE.gguf); a "
+                          f"Hugging Face folder is written in float32")
     model, tokenizer = load(args.source)
-    for note in export_hf(model, tokenizer, args.to, overwrite=args.overwrite,
-                          source=args.source):
+    if gguf:
+        name = os.path.basename(os.path.normpath(os.path.abspath(args.source)))
+        notes = export_gguf(model, tokenizer, args.to, dtype, overwrite=args.overwrite,
+                            name=name)
+    else:
+        from ..files.hf import export_hf
+        notes = export_hf(model, tokenizer, args.to, overwrite=args.overwrite,
+                          source=args.source)
+    for note in notes:
         print(f"femtogpt: note: {note}", file=sys.stderr)
-    print(f"wrote {os.path.abspath(args.to)} ({model.num_parameters() / 1e6:.2f}M parameters)")
+    print(f"wrote {os.path.abspath(args.to)} ({model.num_parameters() / 1e6:.2f}M parameters"
+          f"{f', {dtype}' if gguf else ''})")
     return 0
 
 
@@ -352,9 +386,10 @@ def main(argv=None):
         return 2
     from .sample import sample_command
     from .serve import serve_command
+    from .evaluate import eval_command
     command = {"train": train_command, "sample": sample_command, "verify": verify_command,
                "export": export_command, "prepare": prepare_command,
-               "serve": serve_command}[args.command]
+               "serve": serve_command, "eval": eval_command}[args.command]
     return run_guarded(command, args)
 
 
