@@ -144,6 +144,9 @@ def parse_args(argv):
                     help="skip the 1-thread and MPI-rank runs behind the speed-up rows")
     ap.add_argument("--markdown", default="bench.md", help="Markdown report (default bench.md)")
     ap.add_argument("--json", default="bench.json", help="every number (default bench.json)")
+    ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                    help="arithmetic of the training steps: femtogpt's --dtype; PyTorch's "
+                         "bf16 is torch.autocast('cpu', torch.bfloat16) (default fp32)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)    # internal: one measurement
     args = ap.parse_args(argv)
     if args.rounds is None:
@@ -231,7 +234,7 @@ def main(argv=None):
 
     # 3. Training steps, the two implementations alternating round by round.
     def train_runs(name, threads):
-        cfg = preset_cfg(name)
+        cfg = dict(preset_cfg(name), dtype=args.dtype)
         spec = {"task": "train", "threads": threads, "cfg": cfg, "seed": 1,
                 "warmup": warmup[name], "reps": reps[name],
                 "lrs": schedule(name, warmup[name] + reps[name])}

@@ -49,7 +49,7 @@ def femto_model(cfg, seed=0):
     return GPT(GPTConfig(vocab_size=cfg.get("vocab_size", VOCAB), block_size=cfg["block_size"],
                          n_layer=cfg["n_layer"],
                          n_head=cfg["n_head"], n_embd=cfg["n_embd"], dropout=cfg["dropout"],
-                         bias=cfg["bias"], gelu=cfg["gelu"]),
+                         bias=cfg["bias"], gelu=cfg["gelu"], dtype=cfg.get("dtype", "fp32")),
                seed=seed)
 
 

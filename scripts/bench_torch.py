@@ -174,7 +174,9 @@ def worker_train_torch(spec):
     def step(i):
         x, y = (torch.from_numpy(a) for a in random_batch(rng, cfg))
         t0 = time.perf_counter()
-        loss, norm = torch_train_step(model, optimizer, cfg, x, y, spec["lrs"][i])
+        # --dtype bf16: PyTorch's CPU mixed precision, as a user would turn it on
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.get("dtype") == "bf16"):
+            loss, norm = torch_train_step(model, optimizer, cfg, x, y, spec["lrs"][i])
         dt = time.perf_counter() - t0
         if not (math.isfinite(loss) and math.isfinite(norm)):
             raise FloatingPointError(f"torch loss {loss}, gradient norm {norm}")

@@ -413,6 +413,14 @@ def test_dtype_flag_reaches_the_run_and_a_resume_keeps_it(tmp_path, data, capsys
     assert train_meta(out)["model_config"]["dtype"] == "fp32"
 
 
+def test_serve_lists_the_runs_dtype(tmp_path, data):
+    from femtogpt.app.serve_runs import Source
+    out = str(tmp_path / "run")
+    assert main(["train", "--data", data, "--out", out, "--max-iters", "5", "--dtype",
+                 "bf16", *TINY]) == 0
+    assert Source(0, out).info()["config"]["dtype"] == "bf16"
+
+
 def test_init_from_may_change_the_dtype(tmp_path, data, capsys):
     src, dst = str(tmp_path / "src"), str(tmp_path / "dst")
     assert main(["train", "--data", data, "--out", src, "--max-iters", "5", *TINY]) == 0

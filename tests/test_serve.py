@@ -88,6 +88,7 @@ def test_runs_are_listed_with_what_the_page_shows(server, run_dir):
     assert info["name"] == "run" and "path" not in info and info["tokenizer"] == "char"
     assert os.path.dirname(os.path.abspath(run_dir)) not in payload.decode()
     assert info["model"]["n_layer"] == 2 and info["config"]["max_iters"] == 20
+    assert info["config"]["dtype"] == "fp32"            # the page shows it beside the size
     assert info["iter"] == 20 and info["evaluations"] == 3
     rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
     assert info["best_val_loss"] == min(r["val_loss"] for r in rows)

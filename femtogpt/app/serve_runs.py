@@ -78,7 +78,7 @@ class Source:
                 info["problem"] = str(err)
         info["config"] = {k: config.get(k) for k in (
             "n_layer", "n_head", "n_embd", "block_size", "batch_size", "max_iters",
-            "learning_rate", "tokenizer", "vocab_size", "data") if k in config}
+            "learning_rate", "tokenizer", "vocab_size", "data", "dtype") if k in config}
         if isinstance(info["config"].get("data"), str):     # its name, not where it is
             info["config"]["data"] = os.path.basename(info["config"]["data"].rstrip("/"))
         if rows:

@@ -59,6 +59,8 @@ function renderRuns() {
     li.querySelector(".muted").textContent =
       `${run.tokenizer || "?"} · ${model.n_layer || "?"}×${model.n_embd || "?"} · ` +
       `${run.parameters ? (run.parameters / 1e6).toFixed(2) + "M" : "?"} params · ` +
+      // a run from before --dtype trained in fp32
+      `${(run.config || {}).dtype || "fp32"} · ` +
       `step ${run.iter ?? "—"} · best val ${fmt(run.best_val_loss, 4)} ` +
       `(${fmt(run.best_val_bpc, 3)} bits/char)` + (run.problem ? ` · ${run.problem}` : "");
     li.onclick = () => select(run.id);
