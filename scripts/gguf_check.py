@@ -77,6 +77,10 @@ def make_gpt2(folder, vocab=2000, layers=2, width=64, context=128, seed=0):
 def agreement(model, tokenizer, gguf_path, llama_simple, prompt, n):
     """(tokens that agree, n, llama.cpp's continuation, femtogpt's)."""
     ids = tokenizer.encode(prompt)
+    if len(ids) + n > model.config.block_size:
+        # llama.cpp's gpt2 has no window to slide: past the position table it aborts
+        raise SystemExit(f"{prompt!r} ({len(ids)} tokens) + {n} tokens is more than the "
+                         f"model's context ({model.config.block_size})")
     ours = model.generate(np.array([ids]), n, temperature=0.0)[0, len(ids):]
     run = subprocess.run([llama_simple, "-m", gguf_path, "-n", str(n), prompt],
                          capture_output=True, timeout=600)

@@ -163,3 +163,29 @@ def test_text_the_char_tokenizer_lacks_is_refused_by_name(run, capsys, tmp_path)
     assert main(["eval", "--out", str(out), "--data", str(tmp_path / "z.txt")]) == 2
     err = capsys.readouterr().err.strip().split("\n")
     assert len(err) == 1 and "--data" in err[0]
+
+
+def test_dtype_is_the_arithmetic_asked_for_whatever_the_model_trained_in(tmp_path, capsys):
+    from dataclasses import fields
+    if "dtype" not in {f.name for f in fields(GPTConfig)}:
+        pytest.skip("this core has no bf16 arithmetic")
+    from femtogpt.files.checkpoint import model_meta, save_checkpoint
+    tok = CharTokenizer.from_text(TEXT)
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=16, n_layer=1, n_head=2,
+                          n_embd=32, dtype="bf16"), seed=2)
+    rng = np.random.default_rng(1)
+    for view in model.state_views().values():
+        view += rng.standard_normal(view.shape).astype(np.float32) * 0.3
+    save_checkpoint(str(tmp_path / "m.safetensors"), model.state_views(),
+                    model_meta(model, tok))
+    (tmp_path / "t.txt").write_text(TEXT[:500], encoding="utf-8")
+    args = ["--out", str(tmp_path / "m.safetensors"), "--data", str(tmp_path / "t.txt")]
+    fp32 = _eval_json(capsys, *args)
+    bf16 = _eval_json(capsys, *args, "--dtype", "bf16")
+    ref, _ = femtogpt.load(str(tmp_path / "m.safetensors"))
+    want32, _ = reference_loss(ref.set_dtype("fp32").eval(), tok.encode(TEXT[:500]))
+    want16, _ = reference_loss(ref.set_dtype("bf16").eval(), tok.encode(TEXT[:500]))
+    assert (fp32["dtype"], bf16["dtype"]) == ("fp32", "bf16")
+    assert fp32["loss"] == pytest.approx(want32, rel=2e-6)
+    assert bf16["loss"] == pytest.approx(want16, rel=2e-6)
+    assert 0 < abs(bf16["loss"] - fp32["loss"]) < 1e-2 * fp32["loss"]

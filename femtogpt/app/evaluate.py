@@ -133,20 +133,23 @@ def data_text(data, tokenizer):
 
 
 def _load(path, dtype):
-    """(model, tokenizer) computing in dtype: fp32, or a type the model's core has
-    (GPT.set_dtype, model/config.py's DTYPES); refused in one line otherwise."""
+    """(model, tokenizer) computing in dtype, whatever the model was trained in:
+    fp32, or a type the model's core has (GPT.set_dtype, model/config.py's
+    DTYPES); refused in one line otherwise."""
     from ..files import load
     from ..model import config as model_config
     model, tokenizer = load(path)
-    if dtype == "fp32":
-        return model, tokenizer
-    have = getattr(model_config, "DTYPES", ("fp32",)) if hasattr(model, "set_dtype") \
-        else ("fp32",)
-    if dtype in have:
+    if not hasattr(model, "set_dtype"):
+        have = ("fp32",)
+    else:
+        have = getattr(model_config, "DTYPES", ("fp32",))
+    if dtype not in have:
+        raise ConfigError(f"--dtype {dtype} comes with the {dtype} sampling kernels, which "
+                          f"this femtogpt does not have yet (it computes in "
+                          f"{' and '.join(have)})")
+    if hasattr(model, "set_dtype"):
         model.set_dtype(dtype)
-        return model, tokenizer
-    raise ConfigError(f"--dtype {dtype} comes with the {dtype} sampling kernels, which this "
-                      f"femtogpt does not have yet (it computes in {' and '.join(have)})")
+    return model, tokenizer
 
 
 def evaluate(path, data=None, dtype="fp32", threads=0, log=None):
@@ -193,7 +196,9 @@ def add_eval_arguments(parser):
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object instead of a line of text")
     parser.add_argument("--dtype", default="fp32", metavar="{fp32,bf16,int8}",
-                        help="the weights' type while evaluating (default: fp32)")
+                        help="arithmetic of the matrix products: fp32, bf16 (bf16 operands, "
+                             "fp32 sums, as training's --dtype bf16), int8 once the core has "
+                             "it (default: fp32)")
     parser.add_argument("--threads", type=int, default=0, metavar="N",
                         help="OpenMP threads (default: 0: OMP_NUM_THREADS, else all cores)")
 
