@@ -46,6 +46,7 @@ import time
 from bench_common import BENCH_PRESETS, PRESET_NAMES, QUICK_REPS, QUICK_WARMUP, REPS, SAMPLE_PRESET, SAMPLE_TOKENS, SGEMM_N, TORCH_INSTALL_HINT, WARMUP, log, machine_info, median_of, preset_cfg, schedule
 from bench_e2e import measure_end_to_end, nanogpt_problem
 from bench_femtogpt import worker_sample_femtogpt, worker_sgemm, worker_train_femtogpt, worker_train_ranks
+from bench_profile import measure_profiles, profile_table, worker_profile
 from bench_report import build_table, fmt, ratio
 from bench_torch import worker_check, worker_sample_torch, worker_train_torch
 
@@ -56,6 +57,7 @@ WORKERS = {
     ("sample", "femtogpt"): worker_sample_femtogpt, ("sample", "torch"): worker_sample_torch,
     ("check", "torch"): worker_check,
     ("ranks", "femtogpt"): worker_train_ranks,
+    ("profile", "femtogpt"): worker_profile,
 }
 
 
@@ -147,6 +149,9 @@ def parse_args(argv):
     ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
                     help="arithmetic of the training steps: femtogpt's --dtype; PyTorch's "
                          "bf16 is torch.autocast('cpu', torch.bfloat16) (default fp32)")
+    ap.add_argument("--profile", action="store_true",
+                    help="only the per-op profile of a training step, fp32 and bf16 side by "
+                         "side (milliseconds, GFLOP/s, share of the CPU's roof)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)    # internal: one measurement
     args = ap.parse_args(argv)
     if args.rounds is None:
@@ -186,6 +191,19 @@ def main(argv=None):
         sys.exit(f"cannot import femtogpt ({err}): pip install . or set PYTHONPATH "
                  f"to the repository")
 
+    if args.profile:
+        started = time.perf_counter()
+        profiles = measure_profiles(args, run_worker)
+        table = profile_table(profiles, args.threads)
+        table += (f"\n\nMachine: {machine_info()}.\nCommand: `"
+                  + " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]) + "`\n")
+        print(table)
+        with open(args.markdown, "w") as f:
+            f.write(table)
+        with open(args.json, "w") as f:
+            json.dump({"profile": profiles, "threads": args.threads}, f, indent=1)
+        log(f"wrote {args.markdown} and {args.json} ({time.perf_counter() - started:.0f} s)")
+        return 0
     th, R, quick = args.threads, args.rounds, args.quick
     reps = QUICK_REPS if quick else REPS
     warmup = QUICK_WARMUP if quick else WARMUP
