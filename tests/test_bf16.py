@@ -367,13 +367,17 @@ def test_profile_reports_each_op_and_costs_nothing_when_off():
 def test_bf16_path_can_be_forced_by_the_environment():
     code = "import femtogpt, json; print(json.dumps(femtogpt.build_info()))"
     env = {**os.environ, "FEMTOGPT_BF16_PATH": "portable"}
+    # From the installed package's parent: in the repository's root the source
+    # folder (without compiled modules, after a plain pip install) would shadow it.
+    import femtogpt
+    where = os.path.dirname(os.path.dirname(os.path.abspath(femtogpt.__file__)))
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                         text=True, check=True).stdout
+                         text=True, check=True, cwd=where).stdout
     info = json.loads(out)
     assert info["bf16"] == "portable" and "portable" in info["bf16_available"]
     env["FEMTOGPT_BF16_PATH"] = "fast"
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                          text=True)
+                          text=True, cwd=where)
     assert proc.returncode != 0 and "FEMTOGPT_BF16_PATH=fast" in proc.stderr
 
 
