@@ -29,6 +29,8 @@ Reading order (the files are in femtogpt/kernels/, joined below)
                       them and its dropout streams, named once; the bf16 packed
                       weights and workspace
      profile.pxi      the opt-in per-op timer (GPT.profile)
+     graph_blocks.pxi GraphBlocks: the blocks a graph runs over, its dtype and
+                      packed bf16 weights, its per-op profile
      training_graph.pxi  TrainingGraph: forward, backward over the blocks
      decoding.pxi     Decoder: the KV cache and one position's forward; Graph:
                       the TrainingGraph with a Decoder, as femtogpt.model uses it
@@ -82,6 +84,7 @@ include "kernels/sampling.pxi"
 
 include "kernels/layout.pxi"
 include "kernels/profile.pxi"
+include "kernels/graph_blocks.pxi"
 include "kernels/training_graph.pxi"
 include "kernels/decoding.pxi"
 include "kernels/generate.pxi"
