@@ -52,6 +52,36 @@ def _check_tokens(name, arr, cfg, shape=None):
     return np.ascontiguousarray(arr, dtype=np.int32)
 
 
+def _checked_state(views, state_dict):
+    """{name: array} of state_dict, checked against the model's views: every
+    name present with its exact shape and a numeric dtype, nothing extra, and a
+    tied lm_head.weight equal to the token embedding."""
+    names = set(views)
+    given = dict(state_dict)
+    tied = given.pop("lm_head.weight", None)
+    missing = sorted(names - given.keys())
+    extra = sorted(given.keys() - names)
+    if missing:
+        raise KeyError(f"state_dict is missing {len(missing)} tensor(s): "
+                       + ", ".join(missing[:5]))
+    if extra:
+        raise KeyError("state_dict has unexpected tensor(s): " + ", ".join(extra[:5]))
+    arrays = {}
+    for name, view in views.items():
+        value = np.asarray(given[name])
+        if value.shape != view.shape:
+            raise ValueError(f"{name} has shape {value.shape}, expected {view.shape}")
+        if not (np.issubdtype(value.dtype, np.floating)
+                or np.issubdtype(value.dtype, np.integer)):
+            raise TypeError(f"{name} has dtype {value.dtype}, expected float32")
+        arrays[name] = value
+    if tied is not None and not np.array_equal(np.asarray(tied),
+                                               arrays["transformer.wte.weight"]):
+        raise ValueError("lm_head.weight differs from transformer.wte.weight, "
+                         "but they are tied in this model")
+    return arrays
+
+
 GRAD_TAIL = 16     # spare floats after the gradients (one aligned group)
 
 
@@ -216,29 +246,7 @@ class GPT:
 
     def load_state_dict(self, state_dict):
         """Copy values in. Every name must be present with its exact shape."""
-        names = set(self._named_params)
-        given = dict(state_dict)
-        tied = given.pop("lm_head.weight", None)
-        missing = sorted(names - given.keys())
-        extra = sorted(given.keys() - names)
-        if missing:
-            raise KeyError(f"state_dict is missing {len(missing)} tensor(s): "
-                           + ", ".join(missing[:5]))
-        if extra:
-            raise KeyError(f"state_dict has unexpected tensor(s): " + ", ".join(extra[:5]))
-        arrays = {}
-        for name, view in self._named_params.items():
-            value = np.asarray(given[name])
-            if value.shape != view.shape:
-                raise ValueError(f"{name} has shape {value.shape}, expected {view.shape}")
-            if not (np.issubdtype(value.dtype, np.floating)
-                    or np.issubdtype(value.dtype, np.integer)):
-                raise TypeError(f"{name} has dtype {value.dtype}, expected float32")
-            arrays[name] = value
-        if tied is not None and not np.array_equal(np.asarray(tied),
-                                                   arrays["transformer.wte.weight"]):
-            raise ValueError("lm_head.weight differs from transformer.wte.weight, "
-                             "but they are tied in this model")
+        arrays = _checked_state(self._named_params, state_dict)
         # Only after every check passed: nothing is half-loaded on error.
         for name, value in arrays.items():
             self._named_params[name][...] = value
