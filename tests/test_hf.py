@@ -309,6 +309,9 @@ def test_import_export_import_is_exact(tmp_path):
     make_folder(tmp_path / "src")
     model, tok = load_hf(tmp_path / "src")
     assert export_hf(model, tok, tmp_path / "out") == []
+    end = tok.specials["<|endoftext|>"]
+    config = json.load(open(tmp_path / "out" / "config.json"))
+    assert config["bos_token_id"] == end and config["eos_token_id"] == end
     again, tok2 = load_hf(tmp_path / "out")
     assert again.config == model.config and tok2.to_dict() == tok.to_dict()
     for name, value in model.state_dict().items():
@@ -330,7 +333,10 @@ def test_export_of_a_char_model_without_biases_writes_weights_and_says_what_is_l
     assert not tensors["transformer.h.0.mlp.c_fc.bias"].any()
     np.testing.assert_array_equal(tensors["transformer.h.0.mlp.c_fc.weight"],
                                   model.state_dict()["transformer.h.0.mlp.c_fc.weight"].T)
-    assert json.load(open(tmp_path / "out" / "config.json"))["activation_function"] == "gelu"
+    config = json.load(open(tmp_path / "out" / "config.json"))
+    assert config["activation_function"] == "gelu"
+    # No end-of-text token in a char vocabulary: not GPT-2's 50256 by default.
+    assert config["bos_token_id"] is None and config["eos_token_id"] is None
 
 
 # --------------------------------------------------------------------------- command line

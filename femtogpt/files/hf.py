@@ -228,9 +228,25 @@ def load_hf(folder):
 # --------------------------------------------------------------------------- writing
 
 
-def hf_config(config) -> dict:
+def special_ids(tokenizer):
+    """(bos, eos) ids for config.json: GPT-2's <|endoftext|>, a
+    SentencePiece model's own <s> and </s>, else None. Left out, transformers
+    would assume GPT-2's 50256, which another vocabulary does not have."""
+    specials = getattr(tokenizer, "specials", None)
+    if isinstance(specials, dict) and "<|endoftext|>" in specials:
+        end = specials["<|endoftext|>"]
+        return end, end
+    sp = getattr(tokenizer, "_sp", None)
+    if sp is not None:
+        bos, eos = sp.bos_id(), sp.eos_id()
+        return (bos if bos >= 0 else None), (eos if eos >= 0 else None)
+    return None, None
+
+
+def hf_config(config, bos_id=None, eos_id=None) -> dict:
     """config.json for a femtogpt model, as transformers' GPT2Config writes it."""
     return {
+        "bos_token_id": bos_id, "eos_token_id": eos_id,
         "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
         "vocab_size": config.vocab_size, "n_positions": config.block_size,
         "n_ctx": config.block_size, "n_embd": config.n_embd, "n_layer": config.n_layer,
@@ -308,7 +324,9 @@ def export_hf(model, tokenizer, folder, overwrite=False, meta=None, source=None)
     try:
         os.makedirs(temp)
         save_tensors(os.path.join(temp, WEIGHTS_NAME), hf_tensors(model), meta or {})
-        files = {CONFIG_NAME: json.dumps(hf_config(model.config), indent=2) + "\n"}
+        bos_id, eos_id = special_ids(tokenizer)
+        files = {CONFIG_NAME: json.dumps(hf_config(model.config, bos_id, eos_id),
+                                         indent=2) + "\n"}
         if isinstance(tokenizer, GPT2Tokenizer):
             files[VOCAB_NAME] = json.dumps(tokenizer.vocab_json(), ensure_ascii=False)
             files[MERGES_NAME] = tokenizer.merges_txt()
