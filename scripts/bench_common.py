@@ -135,18 +135,21 @@ def schedule(name, n_steps):
     return [get_lr(it, PRESETS[name]) for it in range(n_steps)]
 
 
-def machine_info():
-    import numpy
-    import scipy
-    cpu = None
+def cpu_name():
+    """The CPU's model name as /proc/cpuinfo gives it (what every figure names)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def machine_info():
+    import numpy
+    import scipy
     torch_version = None
     if importlib.util.find_spec("torch") is not None:
         from importlib.metadata import version, PackageNotFoundError
@@ -159,7 +162,7 @@ def machine_info():
     except AttributeError:
         usable = os.cpu_count()
     return {
-        "nproc": usable, "cpu_count": os.cpu_count(), "cpu_model": cpu or platform.processor(),
+        "nproc": usable, "cpu_count": os.cpu_count(), "cpu_model": cpu_name(),
         "platform": platform.platform(), "python": platform.python_version(),
         "numpy": numpy.__version__, "scipy": scipy.__version__, "torch": torch_version,
         "loadavg_start": os.getloadavg(),

@@ -20,7 +20,6 @@ tests/test_gemm_bf16.py imports this file for the same checks under pytest.
 """
 import argparse
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -28,6 +27,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_common import cpu_name  # noqa: E402
 from gemm_bf16_lib import (AMX, AVX512BF16, F32P, LEVELS, PATH_NAMES, PORTABLE, U16P,  # noqa: E402,F401 (the tests use them through this module)
                            bf16_round_ref, bf16_value, build, find_cc, operands,
                            reference_f64, reference_order, run)
@@ -237,17 +237,6 @@ SHAPES = {  # name: (trans_a, trans_b, M, N, K)
     "dw": [("qkv   dy^T@x", 1, 0, 3 * C_, C_, N_ROWS), ("proj  dy^T@x", 1, 0, C_, C_, N_ROWS),
            ("fc    dy^T@x", 1, 0, 4 * C_, C_, N_ROWS), ("fcprj dy^T@x", 1, 0, C_, 4 * C_, N_ROWS)],
 }
-
-
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def clock_ghz(lib, n=10_000_000):

@@ -12,25 +12,14 @@ corpus size (the trainer reads a bounded sample; encoding goes block by block).
 """
 import argparse
 import os
-import platform
 import shutil
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
+from bench_common import cpu_name  # noqa: E402
 from corpus_bench import make_corpus, parse_size, run  # noqa: E402
-
-
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main():

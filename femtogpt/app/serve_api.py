@@ -85,7 +85,7 @@ class _EventStream:
         self.handler.send_event("token", {"text": text})
 
     def flush(self):
-        pass
+        pass        # stream_sample flushes its output; each write was sent as an event already
 
 
 class Handler(JSONHandler):
@@ -280,5 +280,5 @@ class _Collect:
         self.pieces.append(text)
 
     def flush(self):
-        pass
+        pass        # stream_sample flushes its output; the pieces are already kept
 
