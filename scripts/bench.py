@@ -4,6 +4,7 @@
     PYTHONPATH=. python scripts/bench.py --quick               # smoke run, ~1 minute
     PYTHONPATH=. python scripts/bench.py                       # femto, baby, small
     PYTHONPATH=. python scripts/bench.py --vs-torch            # also PyTorch (pip install torch==2.13.0)
+    PYTHONPATH=. python scripts/bench.py --vs-llama-cpp DIR    # only: GPT-2 124M sampling vs llama-bench
 
 What is measured, all in one run:
   * sgemm peak: numpy float32 2048x2048 @ 2048x2048, GFLOP/s. It is the yardstick
@@ -24,6 +25,10 @@ What is measured, all in one run:
     default run end to end, as a user types it: `femtogpt train` against the
     CPU command of nanoGPT's README, alternated, each a whole process (wall
     time from start to exit, peak RSS, final val loss).
+  * with --vs-llama-cpp DIR (the folder holding a built llama-bench): instead
+    of all the above, GPT-2 124M's prompt (pp256) and decoding (tg128) speed
+    beside llama.cpp's at the same types and threads (bench_llama.py, which has
+    its own options: --types, --threads 1,2, --reps, --work-dir, ...).
 
 Every (implementation, measurement) runs in its own subprocess
 (`bench.py --worker SPEC`, which prints one JSON line), so that peak RSS belongs
@@ -46,6 +51,7 @@ import time
 from bench_common import BENCH_PRESETS, PRESET_NAMES, QUICK_REPS, QUICK_WARMUP, REPS, SAMPLE_PRESET, SAMPLE_TOKENS, SGEMM_N, TORCH_INSTALL_HINT, WARMUP, log, machine_info, median_of, preset_cfg, schedule
 from bench_e2e import measure_end_to_end, nanogpt_problem
 from bench_femtogpt import worker_sample_femtogpt, worker_sgemm, worker_train_femtogpt, worker_train_ranks
+from bench_llama import measure_vs_llama, worker_llama_femtogpt
 from bench_profile import measure_profiles, profile_table, worker_profile
 from bench_report import build_table, fmt, ratio
 from bench_torch import worker_check, worker_sample_torch, worker_train_torch
@@ -58,6 +64,7 @@ WORKERS = {
     ("check", "torch"): worker_check,
     ("ranks", "femtogpt"): worker_train_ranks,
     ("profile", "femtogpt"): worker_profile,
+    ("llama", "femtogpt"): worker_llama_femtogpt,
 }
 
 
@@ -142,6 +149,10 @@ def parse_args(argv):
     ap.add_argument("--vs-nanogpt", metavar="DIR", default=None,
                     help="also time the default run end to end against nanoGPT's README CPU "
                          "command, in this nanoGPT checkout (needs torch)")
+    ap.add_argument("--vs-llama-cpp", metavar="DIR", default=None,
+                    help="instead of the rest: GPT-2 124M sampling beside llama.cpp's "
+                         "llama-bench in DIR (bench_llama.py; its options: "
+                         "--vs-llama-cpp DIR --help)")
     ap.add_argument("--no-scaling", action="store_true",
                     help="skip the 1-thread and MPI-rank runs behind the speed-up rows")
     ap.add_argument("--markdown", default="bench.md", help="Markdown report (default bench.md)")
@@ -172,6 +183,10 @@ def parse_args(argv):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    if any(a == "--vs-llama-cpp" or a.startswith("--vs-llama-cpp=") for a in argv) \
+            and "--worker" not in argv:
+        # A benchmark of its own, with its own options (--threads takes a list).
+        return measure_vs_llama(argv, run_worker)
     args = parse_args(argv)
     if args.worker:
         return worker_main(args.worker)
