@@ -169,14 +169,16 @@ def timed_generate(model, idx, new_tokens, by_callback):
 
 
 def weights_bytes(model):
-    """Bytes of the weights as the model holds them: its own count if it has one,
-    else the sum of its parameter views (fp32)."""
-    for name in ("weights_nbytes", "weight_bytes", "nbytes"):
-        value = getattr(model, name, None)
-        value = value() if callable(value) else value
-        if isinstance(value, int):
-            return value, name
-    return sum(v.nbytes for v in model.state_views().values()), "state_views"
+    """(bytes of the weights as the model holds them, what counted them): the
+    model's own weights_bytes if it has one, else its fp32 parameter views."""
+    value = getattr(model, "weights_bytes", None)
+    value = value() if callable(value) else value
+    if isinstance(value, int):
+        return value, "model.weights_bytes"
+    try:
+        return sum(v.nbytes for v in model.state_views().values()), "state_views"
+    except RuntimeError:         # a model that keeps only converted weights
+        return None, None
 
 
 def worker_llama_femtogpt(spec):
@@ -202,18 +204,45 @@ def worker_llama_femtogpt(spec):
         pp.append(timed_generate(model, prompt, 1, by_callback))
     for _ in range(spec["reps"]):
         # decode + 1 new tokens: the first comes from the 1-token prompt's pass,
-        # then `decode` single-token decodes, llama-bench's tg.
+        # then `decode` single-token decodes (each sampling one more), which is
+        # llama-bench's tg. The rate counts those decodes, whatever the stats
+        # count as decode_tokens (the sampled tokens: one more).
         tg.append(timed_generate(model, start, spec["decode"] + 1, by_callback))
+    nbytes, counted_by = weights_bytes(model)
     return {"pp_ts": [s["prompt_tokens"] / s["prompt_seconds"] for s in pp],
-            "tg_ts": [s["decode_tokens"] / s["decode_seconds"] for s in tg],
+            "tg_ts": [spec["decode"] / s["decode_seconds"] for s in tg],
             "pp_stats": pp, "tg_stats": tg,
             "timing": "callback" if by_callback else "last_generate_stats", "load_note": note,
-            "weights_bytes": weights_bytes(model)[0], "weights_bytes_from": weights_bytes(model)[1],
-            "threads": femtogpt.get_num_threads(), "rss_after_imports_mb": baseline,
+            "weights_bytes": nbytes, "weights_bytes_from": counted_by,
+            "threads": femtogpt.get_num_threads(), "femtogpt": os.path.dirname(femtogpt.__file__),
+            "rss_after_imports_mb": baseline,
             "peak_rss_mb": peak_rss_mb()}
 
 
 # --------------------------------------------------------------------------- the run
+
+
+def femtogpt_identity():
+    """{"path", "version", "commit"} of the femtogpt this process imports, after
+    pinning it for every child (workers, `femtogpt export`) through PYTHONPATH:
+    a worker started from scripts/ would otherwise find whichever femtogpt is
+    installed, not necessarily the one the parent measured."""
+    try:
+        import femtogpt
+    except ImportError as err:
+        sys.exit(f"cannot import femtogpt ({err}): pip install . or set PYTHONPATH to the "
+                 f"repository")
+    package = os.path.dirname(os.path.abspath(femtogpt.__file__))
+    root = os.path.dirname(package)
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        [root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+    git = lambda *a: subprocess.run(["git", "-C", root, *a], capture_output=True,  # noqa: E731
+                                    text=True).stdout.strip()
+    commit = git("rev-parse", "HEAD") or None
+    if commit and git("status", "--porcelain", "--", "femtogpt"):
+        commit += " (with uncommitted changes in femtogpt/)"
+    return {"path": package, "version": femtogpt.__version__, "commit": commit}
+
 
 
 def parse_args(argv):
@@ -332,6 +361,8 @@ def build_table(res):
         f"Model: GPT-2 124M's shape (12 layers, 12 heads, 768 wide, 1,024 positions, "
         f"50,257 tokens), random N(0, 0.02) weights, synthetic byte-level BPE vocabulary; "
         f"llama.cpp reads femtogpt's GGUF export of the same folder.",
+        f"femtogpt: {res['femtogpt']['version']}, commit {res['femtogpt']['commit'] or 'unknown'} "
+        f"({res['femtogpt']['path']}).",
         f"llama.cpp: commit {lc['commit'] or 'unknown'} ({lc['commit_from']}), "
         f"`llama-bench -p {PROMPT} -n {res['decode']} -r {res['reps']} -t T -o json` "
         f"(its own figures, avg ± stddev per process, are in the JSON file).",
@@ -353,6 +384,9 @@ def measure_vs_llama(argv, run_worker):
     args = parse_args(argv)
     bench = find_llama_bench(args.llama_cpp)
     commit, commit_from = llama_commit(bench, args.llama_commit)
+    femto = femtogpt_identity()
+    log(f"femtogpt {femto['version']} from {femto['path']}, commit {femto['commit']}; "
+        f"llama.cpp {commit} ({bench})")
     temp = None
     if args.work_dir is None:
         temp = tempfile.TemporaryDirectory(prefix="femtogpt-bench-llama-")
@@ -363,6 +397,7 @@ def measure_vs_llama(argv, run_worker):
            "machine": machine_info(), "cpu": cpu_name(), "shape": GPT2_124M,
            "types": args.types, "threads": args.threads, "reps": args.reps,
            "rounds": args.rounds, "prompt": PROMPT, "decode": args.decode, "quick": args.quick,
+           "femtogpt": femto,
            "llama_cpp": {"bench": bench, "commit": commit, "commit_from": commit_from}}
     try:
         folder = make_hf_folder(args.work_dir, log=log)

@@ -169,10 +169,55 @@ def test_femtogpt_worker_counts_llama_benchs_tokens(small_folder):
     out = bench_llama.worker_llama_femtogpt(spec)
     assert out["timing"] in ("callback", "last_generate_stats")
     assert [s["prompt_tokens"] for s in out["pp_stats"]] == [16, 16]
-    # tg: `decode` single-token decodes after the 1-token prompt's pass.
-    assert [s["decode_tokens"] for s in out["tg_stats"]] == [5, 5]
+    # tg: `decode` single-token decodes after the 1-token prompt's pass; the
+    # stats count the sampled tokens, the callback timing the decodes.
+    sampled = 6 if out["timing"] == "last_generate_stats" else 5
+    assert [s["decode_tokens"] for s in out["tg_stats"]] == [sampled, sampled]
+    assert out["tg_ts"] == [5 / s["decode_seconds"] for s in out["tg_stats"]]
     assert all(x > 0 for x in out["pp_ts"] + out["tg_ts"])
     assert out["peak_rss_mb"] > 0 and out["weights_bytes"] > 4 * 50257 * 64
+
+
+class StatsModel:
+    """What femtogpt.load(folder, dtype=...) is to return once it has dtypes:
+    a model whose generate() leaves last_generate_stats behind."""
+
+    class config:
+        vocab_size = 50257
+
+    def generate(self, idx, max_new_tokens, temperature=1.0, seed=None, callback=None):
+        assert callback is None          # with stats, nothing is timed around generate
+        # As femtogpt's: decode_tokens counts the sampled tokens, one more than
+        # the single-token decodes that decode_seconds timed (with their sampling).
+        self.last_generate_stats = {"prompt_tokens": idx.shape[1], "prompt_seconds": 0.5,
+                                    "decode_tokens": max_new_tokens,
+                                    "decode_seconds": 0.1 * (max_new_tokens - 1) or 1.0}
+
+    def eval(self):
+        pass
+
+    weights_bytes = 123
+
+
+def test_femtogpt_worker_uses_the_dtype_and_stats_when_femtogpt_has_them(monkeypatch):
+    loaded = []
+    monkeypatch.setattr(femtogpt, "load",
+                        lambda folder, dtype: loaded.append(dtype) or (StatsModel(), None))
+    spec = {"folder": "x", "dtype": "int8", "threads": femtogpt.get_num_threads(),
+            "prompt": 256, "decode": 4, "reps": 1}
+    out = bench_llama.worker_llama_femtogpt(spec)
+    assert loaded == ["int8"] and out["timing"] == "last_generate_stats"
+    assert out["pp_ts"] == [512.0] and out["tg_ts"] == pytest.approx([10.0])
+    assert (out["weights_bytes"], out["weights_bytes_from"]) == (123, "model.weights_bytes")
+
+
+def test_femtogpt_worker_without_dtypes_runs_fp32_only(monkeypatch):
+    def old_load(folder):
+        raise AssertionError("not reached")
+    monkeypatch.setattr(femtogpt, "load", old_load)
+    spec = {"folder": "x", "dtype": "bf16", "threads": femtogpt.get_num_threads(),
+            "prompt": 4, "decode": 2, "reps": 1}
+    assert "dtype" in bench_llama.worker_llama_femtogpt(spec)["unsupported"]
 
 
 def test_llama_bench_json_is_read_as_this_build_prints_it():
@@ -229,6 +274,7 @@ def test_report_marks_callback_timing_and_missing_dtypes():
                        "python": "3", "numpy": "2", "loadavg_start": (1.0,),
                        "loadavg_end": (1.0,)},
            "llama_cpp": {"commit": "c392e50", "commit_from": "COMMIT"}, "rows": rows,
+           "femtogpt": {"version": "0.1.0", "commit": "fa7bd96", "path": "femtogpt"},
            "rounds": 1, "reps": 2, "decode": 32, "date": "2026-12-06", "command": "bench.py"}
     table = bench_llama.build_table(res)
     assert "| fp32 ↔ f32 | 1 | pp256 | 610.0 (600.0–620.0) † | 307.5 (304.9–310.1) | 1.98× |" \
