@@ -125,7 +125,8 @@ def write_safetensors(path, shape, seed):
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for name, dims, _ in tensors:
         size = 4 * int(np.prod(dims))
-        header[name] = {"dtype": "F32", "shape": list(dims), "data_offsets": [offset, offset + size]}
+        header[name] = {"dtype": "F32", "shape": list(dims),
+                        "data_offsets": [offset, offset + size]}
         offset += size
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)           # the data starts 8-byte aligned

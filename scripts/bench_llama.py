@@ -295,6 +295,10 @@ def summarise(runs, args):
     """Per (type, threads, test): both peers' median, min, max and the ratio."""
     rows = []
     for gguf_type in args.types:
+        # A dtype this femtogpt lacks is asked for once, then skipped.
+        lacking = next((r["unsupported"] for key, v in runs.items()
+                        if key.startswith(f"{gguf_type}/") for r in v["femtogpt"]
+                        if "unsupported" in r), None)
         for th in args.threads:
             key = f"{gguf_type}/t{th}"
             fem = [r for r in runs[key]["femtogpt"] if "pp_ts" in r]
@@ -306,10 +310,10 @@ def summarise(runs, args):
                 rows.append({
                     "type": gguf_type, "femtogpt_dtype": TYPES[gguf_type], "threads": th,
                     "test": f"{test}{n}", "femtogpt": f, "llama_cpp": ll, "ratio": ratio,
-                    "goal": GOALS[test], "meets_goal": None if ratio is None else ratio >= GOALS[test],
+                    "goal": GOALS[test],
+                    "meets_goal": None if ratio is None else ratio >= GOALS[test],
                     "femtogpt_timing": sorted({r["timing"] for r in fem}) or None,
-                    "femtogpt_unsupported": next((r["unsupported"] for r in runs[key]["femtogpt"]
-                                                  if "unsupported" in r), None),
+                    "femtogpt_unsupported": lacking,
                     "femtogpt_peak_rss_mb": max((r["peak_rss_mb"] for r in fem), default=None),
                     "femtogpt_weights_bytes": fem[0]["weights_bytes"] if fem else None,
                     "llama_peak_rss_mb": max((r["peak_rss_mb"] for r in lla), default=None),
@@ -343,13 +347,11 @@ def build_table(res):
                      f"{f} | {cell(r['llama_cpp'])} | {ratio} | {goal} |")
     lines += ["", "| type | threads | femtogpt peak RSS (MB) | femtogpt weights (MB) | "
               "llama-bench peak RSS (MB) | GGUF tensors (MB) |", "|---|---|---|---|---|---|"]
-    mb = lambda b: "—" if b is None else f"{b / 1e6:,.0f}"       # noqa: E731
-    for r in res["rows"][::2]:
+    mb = lambda x, unit=1: "—" if x is None else f"{x / unit:,.0f}"       # noqa: E731
+    for r in res["rows"][::2]:           # one per (type, threads): pp's row
         lines.append(f"| {r['femtogpt_dtype']} ↔ {r['type']} | {r['threads']} | "
-                     f"{'—' if r['femtogpt_peak_rss_mb'] is None else format(r['femtogpt_peak_rss_mb'], ',.0f')} | "
-                     f"{mb(r['femtogpt_weights_bytes'])} | "
-                     f"{'—' if r['llama_peak_rss_mb'] is None else format(r['llama_peak_rss_mb'], ',.0f')} | "
-                     f"{mb(r['llama_model_size'])} |")
+                     f"{mb(r['femtogpt_peak_rss_mb'])} | {mb(r['femtogpt_weights_bytes'], 1e6)} | "
+                     f"{mb(r['llama_peak_rss_mb'])} | {mb(r['llama_model_size'], 1e6)} |")
     lines += [
         "",
         f"Tokens/s: median (min–max) over {res['rounds']} round(s) × {res['reps']} "
@@ -358,11 +360,11 @@ def build_table(res):
         f"tg{res['decode']}: {res['decode']} single-token decodes after a 1-token prompt "
         f"(llama-bench's from an empty context). Goal (the issue's): tg ≥ 1.2×, pp ≥ 1.0× "
         f"at the same type.",
-        f"Model: GPT-2 124M's shape (12 layers, 12 heads, 768 wide, 1,024 positions, "
-        f"50,257 tokens), random N(0, 0.02) weights, synthetic byte-level BPE vocabulary; "
-        f"llama.cpp reads femtogpt's GGUF export of the same folder.",
-        f"femtogpt: {res['femtogpt']['version']}, commit {res['femtogpt']['commit'] or 'unknown'} "
-        f"({res['femtogpt']['path']}).",
+        "Model: GPT-2 124M's shape (12 layers, 12 heads, 768 wide, 1,024 positions, "
+        "50,257 tokens), random N(0, 0.02) weights, synthetic byte-level BPE vocabulary; "
+        "llama.cpp reads femtogpt's GGUF export of the same folder.",
+        f"femtogpt: {res['femtogpt']['version']}, commit "
+        f"{res['femtogpt']['commit'] or 'unknown'} ({res['femtogpt']['path']}).",
         f"llama.cpp: commit {lc['commit'] or 'unknown'} ({lc['commit_from']}), "
         f"`llama-bench -p {PROMPT} -n {res['decode']} -r {res['reps']} -t T -o json` "
         f"(its own figures, avg ± stddev per process, are in the JSON file).",

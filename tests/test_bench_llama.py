@@ -259,17 +259,23 @@ def test_llama_commit_and_a_missing_llama_bench(tmp_path):
 
 def test_report_marks_callback_timing_and_missing_dtypes():
     args = bench_llama.parse_args(["--vs-llama-cpp", "x", "--types", "f32,q8_0",
-                                   "--threads", "1", "--quick"])
+                                   "--threads", "1,2", "--quick"])
     llama = dict(bench_llama.parse_llama_bench(LLAMA_BENCH_JSON), peak_rss_mb=700.0)
     fem = {"pp_ts": [600.0, 620.0], "tg_ts": [50.0, 52.0], "timing": "callback",
            "peak_rss_mb": 580.0, "weights_bytes": 498_000_000}
     runs = {"f32/t1": {"femtogpt": [fem], "llama.cpp": [llama]},
-            "q8_0/t1": {"femtogpt": [{"unsupported": "no dtype="}], "llama.cpp": [llama]}}
+            "f32/t2": {"femtogpt": [{"error": "exit 1"}], "llama.cpp": [{"error": "exit 1"}]},
+            "q8_0/t1": {"femtogpt": [{"unsupported": "no dtype="}], "llama.cpp": [llama]},
+            # asked once: the later runs of a dtype femtogpt lacks are skipped
+            "q8_0/t2": {"femtogpt": [], "llama.cpp": [llama]}}
     rows = bench_llama.summarise(runs, args)
-    assert [(r["type"], r["test"]) for r in rows] == \
-        [("f32", "pp256"), ("f32", "tg32"), ("q8_0", "pp256"), ("q8_0", "tg32")]
+    assert [(r["type"], r["threads"], r["test"]) for r in rows] == [
+        (t, th, test) for t in ("f32", "q8_0") for th in (1, 2) for test in ("pp256", "tg32")]
     assert rows[0]["ratio"] == pytest.approx(610.0 / 307.5225) and rows[0]["meets_goal"]
-    assert rows[2]["ratio"] is None and rows[2]["femtogpt_unsupported"] == "no dtype="
+    assert rows[2]["femtogpt"] is None and rows[2]["ratio"] is None      # failed runs
+    assert rows[2]["femtogpt_unsupported"] is None
+    assert [r["femtogpt_unsupported"] for r in rows[4:]] == ["no dtype="] * 4
+    assert all(r["ratio"] is None and r["meets_goal"] is None for r in rows[4:])
     res = {"machine": {"cpu_model": "AMD EPYC", "nproc": 2, "platform": "Linux",
                        "python": "3", "numpy": "2", "loadavg_start": (1.0,),
                        "loadavg_end": (1.0,)},
@@ -279,5 +285,6 @@ def test_report_marks_callback_timing_and_missing_dtypes():
     table = bench_llama.build_table(res)
     assert "| fp32 ↔ f32 | 1 | pp256 | 610.0 (600.0–620.0) † | 307.5 (304.9–310.1) | 1.98× |" \
         in table
-    assert "| int8 ↔ q8_0 | 1 | tg32 | not in this femtogpt |" in table
+    assert "| int8 ↔ q8_0 | 2 | tg32 | not in this femtogpt |" in table
+    assert "| fp32 ↔ f32 | 2 | pp256 | — | — | — |" in table
     assert "commit c392e50" in table and "AMD EPYC" in table
