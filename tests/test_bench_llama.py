@@ -283,8 +283,9 @@ def test_report_marks_callback_timing_and_missing_dtypes():
            "femtogpt": {"version": "0.1.0", "commit": "fa7bd96", "path": "femtogpt"},
            "rounds": 1, "reps": 2, "decode": 32, "date": "2026-12-06", "command": "bench.py"}
     table = bench_llama.build_table(res)
-    assert "| fp32 ↔ f32 | 1 | pp256 | 610.0 (600.0–620.0) † | 307.5 (304.9–310.1) | 1.98× |" \
-        in table
+    assert rows[0]["round_ratios"] == pytest.approx([610.0 / 307.5225])
+    assert ("| fp32 ↔ f32 | 1 | pp256 | 610.0 (600.0–620.0) † | 307.5 (304.9–310.1) | 1.98× | "
+            "1.98× (1.98) |") in table
     assert "| int8 ↔ q8_0 | 2 | tg32 | not in this femtogpt |" in table
-    assert "| fp32 ↔ f32 | 2 | pp256 | — | — | — |" in table
+    assert "| fp32 ↔ f32 | 2 | pp256 | — | — | — | — |" in table
     assert "commit c392e50" in table and "AMD EPYC" in table
