@@ -279,6 +279,7 @@ def py_bf16_pack_wt(uint16_t[::1] packed, const float[::1] W, int N, int K):
 
 
 BF16_MATMUL_KERNELS = ("auto", "rows", "gemm")
+BF16_ROWS_MAX = GEMM_BF16_ROWS_MAX    # the most rows bf16_matmul_packed gives the rows kernel
 
 
 def py_bf16_matmul_packed(float[::1] out, const float[::1] inp, bias, Py_ssize_t M, int K, int N,
