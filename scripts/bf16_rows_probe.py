@@ -15,7 +15,7 @@ threads (bf16_matmul_packed, which takes this kernel for few rows), beside
 the core's fp32 matvec_forward (today's decoding product) and the GEMM
 (gemm_bf16_parallel) at M=1. Weights are cycled over enough copies to
 exceed the L3 cache, so each call reads them from memory as decoding does.
-tests/test_gemm_bf16.py and tests/test_bf16_rows.py run the checks.
+tests/test_bf16_rows.py runs the checks.
 """
 import argparse
 import ctypes
@@ -263,7 +263,9 @@ def sweep(lib, reps, out=print):
 
 
 def run_timings(reps, out=print):
-    """Through the compiled core at 1 and 2 threads (femtogpt.set_num_threads)."""
+    """Through the compiled core at 1 and 2 threads (femtogpt.set_num_threads):
+    this checkout's femtogpt, not an installed one."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
     import femtogpt
     from femtogpt import _core as core
 
