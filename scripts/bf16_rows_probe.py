@@ -272,7 +272,8 @@ def run_timings(reps, out=print):
     saved = femtogpt.get_num_threads()
     path = core.bf16_path()
     out(f"CPU: {cpu_name()}; core build {core.TARGET}; bf16 path {path}; median of {reps} runs, "
-        f"weights cycled over copies past 64 MB (read from memory, as in decoding)")
+        f"weights cycled over copies past 64 MB (read from memory, as in decoding); "
+        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (other work slows the 2-thread runs)")
     out("GB/s = weight bytes read / time (bf16: 2 B per weight, fp32: 4 B); "
         "GFLOP/s = 2 M N K / time")
     out(f"{'shape':8s} {'K':>5s} {'N':>6s} {'thr':>3s} | {'fp32 matvec M=1':>16s} | "
