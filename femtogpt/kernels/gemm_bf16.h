@@ -103,7 +103,9 @@ enum {
  *   gemm_bf16_portable.h  the portable micro-kernel
  *   gemm_bf16_avx512.h    the AVX512_BF16 micro-kernel
  *   gemm_bf16_amx.h       the AMX-BF16 micro-kernel
- * and below: which path the CPU runs, the driver, the entry points. */
+ * and below: which path the CPU runs, the driver, the entry points; then
+ *   gemm_bf16_rows.h      the same product for a handful of rows (decoding)
+ * which uses them. */
 #include "gemm_bf16_pack.h"
 #include "gemm_bf16_portable.h"
 #include "gemm_bf16_avx512.h"
@@ -312,5 +314,7 @@ GEMM_BF16_API void gemm_bf16(int trans_a, int trans_b, int M, int N, int K, floa
     gemm_bf16_pack_b(bp, trans_b, N, K, B, ldb);
     gemm_bf16_packed(trans_a, M, N, K, alpha, A, lda, bp, beta, C, ldc, (char*)bp + bbytes);
 }
+
+#include "gemm_bf16_rows.h"
 
 #endif /* FEMTOGPT_GEMM_BF16_H */
