@@ -304,3 +304,29 @@ def py_q8_matmul(float[::1] out, const float[::1] inp, const float[::1] W, bias,
     _q8_sizes(M, K, N)
     _need("W", W.shape[0], <Py_ssize_t>N * K)
     py_q8_matmul_packed(out, inp, py_q8_pack(W, N, K), bias, M, K, N)
+
+
+def py_q8_matmul_copies(float[::1] out, const float[::1] inp, const uint8_t[::1] packed,
+                        int n_copies, Py_ssize_t M, int K, int N):
+    """For the probe: out = inp @ W_i^T for each of n_copies packed weights laid
+    end to end in `packed` (n_copies * q8_weight_bytes(N, K) bytes), one after
+    the other without the GIL, as a decode steps through its layers (the
+    weights stream from memory, not cache, once they outgrow L3)."""
+    cdef uint8_t[::1] work_view
+    cdef Q8Weight qw
+    cdef size_t wbytes
+    cdef int i
+    _q8_sizes(M, K, N)
+    _need_positive(n_copies=n_copies)
+    wbytes = q8_weight_bytes(N, K)
+    for name, size, want in (("out", out.shape[0], M * N), ("inp", inp.shape[0], M * K),
+                             ("packed", packed.shape[0], <Py_ssize_t>(wbytes * n_copies))):
+        _need(name, size, want)
+    work = np.empty(q8_work_bytes(<int>M, K, openmp.omp_get_max_threads()), np.uint8)
+    work_view = work
+    qw.N = N
+    qw.K = K
+    with nogil:
+        for i in range(n_copies):
+            qw.data = <uint8_t*>&packed[0] + <size_t>i * wbytes
+            q8_matmul(&out[0], &inp[0], NULL, M, K, N, &qw, &work_view[0])

@@ -52,12 +52,14 @@ static inline float gemm_q8_f32_from_f16(uint16_t h)
     return gemm_q8_float(sign | ((e + 112u) << 23) | (m << 13));
 }
 
-/* Round to nearest even, for |y| <= 127 (callers clamp first): adding and
- * subtracting 2^23 leaves the integer part rounded by the default mode.
+/* Round to nearest even, for |y| <= 127 (callers clamp first): y + 1.5 * 2^23
+ * lies in [2^23, 2^24), where float32's spacing is 1, so the add rounds y
+ * to an integer by the default mode and the subtraction is exact. (2^23
+ * alone would not do for negative y: below 2^23 the spacing is 1/2.)
  * Plain float ops, so gcc vectorises the loops that call it. */
 static inline float gemm_q8_rne(float y)
 {
-    return (y + 8388608.0f) - 8388608.0f;
+    return (y + 12582912.0f) - 12582912.0f;
 }
 
 /* q = round(v / d) clamped to [-127, 127]; 0 when d == 0. The clamp is on
