@@ -8,6 +8,7 @@ Reading order (the files are in femtogpt/kernels/, joined below)
                       thread and called on per-thread slices of the product
      gemm_bf16.pxi    its bf16 half (gemm_bf16.h: bf16 operands, fp32 sums),
                       sliced the same way, and the packed weights' types
+     gemm_q8.pxi      its int8 half for sampling (gemm_q8.h: q8 weights and rows)
      vecmath.pxi      exp, sigmoid and dot written so that gcc vectorises them
      checks.pxi       the checks every Python entry point runs first
   3. kernels          <op>_forward / <op>_backward pairs over flat float* buffers,
@@ -68,6 +69,7 @@ include "kernels/buffer.pxi"
 include "kernels/threads.pxi"
 include "kernels/gemm.pxi"
 include "kernels/gemm_bf16.pxi"
+include "kernels/gemm_q8.pxi"
 include "kernels/vecmath.pxi"
 include "kernels/checks.pxi"
 

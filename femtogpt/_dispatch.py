@@ -9,6 +9,8 @@ registers it under that name, so the rest of femtogpt never knows which it got.
     FEMTOGPT_BF16_PATH=portable   force the bf16 GEMM's path (or avx512bf16, amx;
                              default auto: the best this CPU runs), for tests
                              and benchmarks; _core.set_bf16_path() does the same
+    FEMTOGPT_INT8_PATH=portable   force the int8 (q8) GEMM's path (or vnni; default
+                             auto), the same way; _core.set_int8_path()
 
 A build the CPU cannot run is never loaded (it would stop the process with an
 illegal instruction): forcing one is refused with the reason.
@@ -71,13 +73,20 @@ def load_core():
             module.set_bf16_path(path)
         except ValueError as err:
             raise FemtoGPTError(f"FEMTOGPT_BF16_PATH={path}: {err}") from None
+    path = os.environ.get("FEMTOGPT_INT8_PATH") or None
+    if path:
+        try:
+            module.set_int8_path(path)
+        except ValueError as err:
+            raise FemtoGPTError(f"FEMTOGPT_INT8_PATH={path}: {err}") from None
     return module
 
 
 def build_info():
     """Which build of the core runs, of those installed, what the CPU runs, and
-    the path bf16 products take (and the paths this CPU has)."""
+    the paths bf16 and int8 products take (and the paths this CPU has)."""
     from . import _core
     return {"core": _core.TARGET, "built": list(_cpu.BUILT),
             "cpu": level_name(_cpu.cpu_level()), "bf16": _core.bf16_path(),
-            "bf16_available": _core.bf16_paths_available()}
+            "bf16_available": _core.bf16_paths_available(), "int8": _core.int8_path(),
+            "int8_available": _core.int8_paths_available()}
