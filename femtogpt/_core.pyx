@@ -30,11 +30,14 @@ Reading order (the files are in femtogpt/kernels/, joined below)
                       them and its dropout streams, named once; the bf16 packed
                       weights and workspace
      profile.pxi      the opt-in per-op timer (GPT.profile)
+     linear_weights.pxi  the linear layers as sampling reads them: fp32 views,
+                      or bf16/int8 copies made once at load; linear_rows()
      graph_blocks.pxi GraphBlocks: the blocks a graph runs over, its dtype and
                       packed bf16 weights, its per-op profile
      training_graph.pxi  TrainingGraph: forward, backward over the blocks
-     decoding.pxi     Decoder: the KV cache and one position's forward; Graph:
-                      the TrainingGraph with a Decoder, as femtogpt.model uses it
+     decoding.pxi     Decoder: the inference pass (a prompt's positions at once,
+                      or one per row) over the KV cache; Graph: the
+                      TrainingGraph with a Decoder, as femtogpt.model uses it
      generate.pxi     the sampling loop
 
 Conventions
@@ -86,6 +89,7 @@ include "kernels/sampling.pxi"
 
 include "kernels/layout.pxi"
 include "kernels/profile.pxi"
+include "kernels/linear_weights.pxi"
 include "kernels/graph_blocks.pxi"
 include "kernels/training_graph.pxi"
 include "kernels/decoding.pxi"

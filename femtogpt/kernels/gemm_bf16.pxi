@@ -327,26 +327,6 @@ def py_bf16_matmul_packed(float[::1] out, const float[::1] inp, bias, Py_ssize_t
         bf16_matmul_packed_by(&out[0], &inp[0], bias_ptr, M, K, N, &wt_packed[0], &bw, rows_max)
 
 
-def py_matvec_forward(float[::1] out, const float[::1] inp, const float[::1] weight, bias,
-                      int B, int C_in, int C_out):
-    # matmul.pxi's fp32 decoding product (the baseline scripts/bf16_rows_probe.py
-    # times beside the bf16 one); its wrapper sits here only because that change
-    # did not touch matmul.pxi.
-    # out (B*C_out)  # OUT;  inp (B*C_in)  # IN;  weight (C_out*C_in)  # IN;  bias (C_out) or None  # IN
-    cdef const float[::1] bias_view
-    cdef const float* bias_ptr = NULL
-    _need_positive(B=B, C_in=C_in, C_out=C_out)
-    _need("out", out.shape[0], <Py_ssize_t>B * C_out)
-    _need("inp", inp.shape[0], <Py_ssize_t>B * C_in)
-    _need("weight", weight.shape[0], <Py_ssize_t>C_out * C_in)
-    if bias is not None:
-        bias_view = bias
-        _need("bias", bias_view.shape[0], C_out)
-        bias_ptr = &bias_view[0]
-    with nogil:
-        matvec_forward(&out[0], &inp[0], &weight[0], bias_ptr, B, C_in, C_out)
-
-
 def set_bf16_path(str name):
     """Force the bf16 GEMM path for every later product in this process: "auto"
     (the best this CPU runs), "portable", "avx512bf16" or "amx". Returns the

@@ -1,7 +1,9 @@
-# The sampling loop: prefill the prompt, then per new token sample one id per
+# The sampling loop: the prompt pass, then per new token sample one id per
 # row (sampling.pxi) and decode one position (decoding.pxi), rebuilding the
-# cache from the last `keep` tokens whenever the window is full.
+# cache from the last `keep` tokens whenever the window is full. The decoder
+# keeps the clock of each part for `femtogpt sample --stats`.
 
+cimport openmp
 from cpython.mem cimport PyMem_Malloc, PyMem_Free
 from libc.stdint cimport int32_t, uint64_t
 import numpy as np
@@ -41,11 +43,18 @@ cdef object generate_tokens(Graph graph, const int32_t[:, ::1] idx, int max_new_
     if order == NULL:
         graph.busy = False
         raise MemoryError()
+    dec.prompt_tokens = dec.decode_tokens = 0
+    dec.prompt_seconds = dec.decode_seconds = 0.0
+    cdef double t0
     try:
-        graph._prefill(np.ascontiguousarray(history[:, :n_hist]))
-        logits = dec.copy_last_logits(graph.a.logits, graph.T)
+        t0 = openmp.omp_get_wtime()
+        graph._pass(np.ascontiguousarray(history[:, :n_hist]), 0, False)
+        dec.prompt_seconds = openmp.omp_get_wtime() - t0
+        dec.prompt_tokens = B * n_hist
+        logits = dec.logits
         pos = n_hist
         for step in range(max_new_tokens):
+            t0 = openmp.omp_get_wtime()
             with nogil:
                 for b in range(B):
                     tokens[b] = sample_token(logits + b * V, scratch.data, order, V,
@@ -53,23 +62,25 @@ cdef object generate_tokens(Graph graph, const int32_t[:, ::1] idx, int max_new_
                                              uniform01(seed, draw))
                     draw += 1
                     out_view[b, step] = tokens[b]
+            dec.decode_seconds += openmp.omp_get_wtime() - t0
+            dec.decode_tokens += B
             history[:, n_hist] = tokens
             n_hist += 1
             if callback is not None:
                 callback(np.asarray(tokens).copy())
             if step == max_new_tokens - 1:
                 break
+            t0 = openmp.omp_get_wtime()
             if pos == graph.max_T:
                 # Window full: rebuild the cache from the last `keep` tokens.
-                graph._prefill(np.ascontiguousarray(history[:, n_hist - keep:n_hist]))
-                logits = dec.copy_last_logits(graph.a.logits, graph.T)
+                graph._pass(np.ascontiguousarray(history[:, n_hist - keep:n_hist]), 0, False)
                 pos = keep
             else:
                 with nogil:
-                    dec.decode_one(&tokens[0], pos)
-                logits = dec.logits
+                    dec.forward(&tokens[0], 1, pos, False)
                 pos += 1
-                dec.cache_len = pos
+            logits = dec.logits
+            dec.decode_seconds += openmp.omp_get_wtime() - t0
     finally:
         PyMem_Free(order)
         graph.busy = False

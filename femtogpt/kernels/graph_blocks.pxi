@@ -37,6 +37,7 @@ cdef class GraphBlocks:
     cdef uint64_t seed
     cdef int32_t[::1] idx, targets
     cdef bint busy            # a call is running (see _acquire)
+    cdef readonly bint fp32_released  # the fp32 matrices were given back (decoding.pxi)
     # bf16 (set_dtype): packed weights, allocated once, and a workspace per (B, T)
     cdef readonly bint bf16             # the matrix products run in bf16
     cdef readonly Py_ssize_t pack_count  # times the weights were packed (tests)
@@ -64,6 +65,7 @@ cdef class GraphBlocks:
         self.B = self.T = 0
         self.has_targets = False
         self.busy = False
+        self.fp32_released = False
         self.bf16 = False
         self.packs_stale = True
         self.fwd_bf16 = False
@@ -83,6 +85,7 @@ cdef class GraphBlocks:
             raise ValueError(f"dtype must be fp32 or bf16, got {dtype!r}")
         if self.busy:
             raise RuntimeError("set_dtype() while this model is running a call")
+        self._need_fp32("set_dtype()")
         if dtype == "bf16" and self.packs == NULL:
             self.packs = <LayerPacks*>PyMem_Malloc(self.L * sizeof(LayerPacks))
             if self.packs == NULL:
@@ -93,6 +96,13 @@ cdef class GraphBlocks:
                         self.L, self.C, self.V)
         self.bf16 = dtype == "bf16"
         self.packs_stale = True
+
+    cdef _need_fp32(self, str what):
+        # The training passes read the fp32 matrices, which a model converted
+        # for sampling gave back.
+        if self.fp32_released:
+            raise RuntimeError(f"{what} needs the fp32 weights, and this model keeps only "
+                               f"its sampling copies: load it again without a dtype to train")
 
     @property
     def dtype(self):

@@ -145,3 +145,22 @@ def py_matmul_backward(float[::1] dinp, float[::1] dweight, dbias,
     with nogil:
         matmul_backward(&dinp[0], &dweight[0], dbias_ptr, &dout[0], &inp[0], &weight[0],
                         N, C_in, C_out, NULL, NULL)
+
+
+def py_matvec_forward(float[::1] out, const float[::1] inp, const float[::1] weight, bias,
+                      int B, int C_in, int C_out):
+    # The fp32 decoding product (scripts/bf16_rows_probe.py times it beside the
+    # bf16 one).
+    # out (B*C_out)  # OUT;  inp (B*C_in)  # IN;  weight (C_out*C_in)  # IN;  bias (C_out) or None  # IN
+    cdef const float[::1] bias_view
+    cdef const float* bias_ptr = NULL
+    _need_positive(B=B, C_in=C_in, C_out=C_out)
+    _need("out", out.shape[0], <Py_ssize_t>B * C_out)
+    _need("inp", inp.shape[0], <Py_ssize_t>B * C_in)
+    _need("weight", weight.shape[0], <Py_ssize_t>C_out * C_in)
+    if bias is not None:
+        bias_view = bias
+        _need("bias", bias_view.shape[0], C_out)
+        bias_ptr = &bias_view[0]
+    with nogil:
+        matvec_forward(&out[0], &inp[0], &weight[0], bias_ptr, B, C_in, C_out)

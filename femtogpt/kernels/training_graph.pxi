@@ -49,6 +49,7 @@ cdef class TrainingGraph(GraphBlocks):
         # mixed=False: fp32 products even in a bf16 graph (prefill: sampling
         # is fp32 for now, as the decoder is).
         cdef int B = idx.shape[0], T = idx.shape[1]
+        self._need_fp32("forward()")
         # Until this forward has fully succeeded, backward() is not allowed: a
         # rejected call must not leave the previous call's state half replaced.
         self.has_targets = False
