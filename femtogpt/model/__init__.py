@@ -5,7 +5,7 @@ block.
 May import: the core (femtogpt._core, chosen by femtogpt._dispatch) and
 femtogpt.errors; never text, files, training or the front ends.
 """
-from .config import DTYPES, GELU_FORMS, GPTConfig
+from .config import DTYPES, GELU_FORMS, WEIGHT_DTYPES, GPTConfig
 from .gpt import GPT
 
-__all__ = ["DTYPES", "GELU_FORMS", "GPT", "GPTConfig"]
+__all__ = ["DTYPES", "GELU_FORMS", "GPT", "GPTConfig", "WEIGHT_DTYPES"]

@@ -15,6 +15,10 @@ GELU_FORMS = ("tanh", "exact")
 # training_graph.pxi). Not architecture: checkpoints hold fp32 weights, so a
 # model file loads in either.
 DTYPES = ("fp32", "bf16")
+# The types sampling and scoring read the linear layers' weights in
+# (GPT.convert_weights, femtogpt.load(dtype=)): converted once from the fp32
+# checkpoint; embeddings and LayerNorms stay fp32 (_core's linear_weights.pxi).
+WEIGHT_DTYPES = ("fp32", "bf16", "int8")
 
 
 @dataclass

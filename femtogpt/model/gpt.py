@@ -18,6 +18,10 @@ copies, refreshed at the next forward after any change. Every access that
 hands out writable weight memory (params_flat, state_views, named_views of
 the parameters, load_state_dict, the initialisation) marks them stale; a
 write through a view kept from before a forward must call weights_changed().
+
+convert_weights("bf16" | "int8") is for sampling and scoring: the linear
+layers are converted once and their fp32 matrices given back, so the model
+then samples, scores (forward) and nothing else.
 """
 import math
 
@@ -27,30 +31,10 @@ from .. import _core
 from .._threads import pin_blas_to_one_thread
 from . import params
 from .config import GPTConfig
+from .inputs import check_tokens
+from .sampling import Sampling
 
 pin_blas_to_one_thread()
-
-def _check_tokens(name, arr, cfg, shape=None):
-    """An integer array (B, T) of ids in [0, vocab_size), 1 <= T <= block_size."""
-    arr = np.asarray(arr)
-    if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.integer):
-        raise TypeError(f"{name} must be an integer array, got dtype {arr.dtype}")
-    if arr.ndim != 2:
-        raise ValueError(f"{name} must have shape (B, T), got shape {arr.shape}")
-    B, T = arr.shape
-    if shape is not None and arr.shape != shape:
-        raise ValueError(f"{name} has shape {arr.shape}, expected {shape} like idx")
-    if B < 1:
-        raise ValueError(f"{name} must have at least one row, got shape {arr.shape}")
-    if not 1 <= T <= cfg.block_size:
-        raise ValueError(f"{name} has T={T}; it must be in [1, block_size={cfg.block_size}]")
-    lo, hi = arr.min(), arr.max()
-    if lo < 0 or hi >= cfg.vocab_size:
-        bad = lo if lo < 0 else hi
-        raise ValueError(f"{name} holds token id {int(bad)} outside "
-                         f"[0, vocab_size={cfg.vocab_size})")
-    return np.ascontiguousarray(arr, dtype=np.int32)
-
 
 def _checked_state(views, state_dict):
     """{name: array} of state_dict, checked against the model's views: every
@@ -85,7 +69,7 @@ def _checked_state(views, state_dict):
 GRAD_TAIL = 16     # spare floats after the gradients (one aligned group)
 
 
-class GPT:
+class GPT(Sampling):
     """nanoGPT's GPT on femtogpt's compiled kernels.
 
     model = GPT(GPTConfig(...), seed=0)
@@ -135,6 +119,7 @@ class GPT:
     @property
     def params_flat(self):
         """The whole parameter block, flat (writable: AdamW updates it in place)."""
+        self._need_fp32("params_flat")
         self._graph.weights_changed()
         return self._params_flat
 
@@ -237,15 +222,18 @@ class GPT:
         loading a checkpoint read and write directly (no copy). Writing into a
         view changes the model (bf16: write before the next forward, or call
         weights_changed())."""
+        self._need_fp32("state_views()")
         self._graph.weights_changed()
         return dict(self._named_params)
 
     def state_dict(self):
         """{nanoGPT name: float32 array}, copies (the model keeps its own memory)."""
+        self._need_fp32("state_dict()")
         return {name: view.copy() for name, view in self._named_params.items()}
 
     def load_state_dict(self, state_dict):
         """Copy values in. Every name must be present with its exact shape."""
+        self._need_fp32("load_state_dict()")
         arrays = _checked_state(self._named_params, state_dict)
         # Only after every check passed: nothing is half-loaded on error.
         for name, value in arrays.items():
@@ -256,6 +244,8 @@ class GPT:
 
     def train(self, mode=True):
         """Dropout on (training) or off (evaluation), as in PyTorch."""
+        if mode:
+            self._need_fp32("train()")
         self.training = bool(mode)
         return self
 
@@ -264,6 +254,8 @@ class GPT:
 
     def forward(self, idx, targets=None):
         """logits (B, T, vocab_size) float32 and the mean cross-entropy (or None)."""
+        if self._graph.fp32_released:
+            return self._scored(idx, targets)
         loss = self._run_forward(idx, targets)
         B, T = self._graph.B, self._graph.T
         logits = self._graph.logits_view().reshape(B, T, self.config.vocab_size).copy()
@@ -273,10 +265,10 @@ class GPT:
 
     def _run_forward(self, idx, targets):
         cfg = self.config
-        idx32 = _check_tokens("idx", idx, cfg)
+        idx32 = check_tokens("idx", idx, cfg)
         targets32 = None
         if targets is not None:
-            targets32 = _check_tokens("targets", targets, cfg, shape=idx32.shape)
+            targets32 = check_tokens("targets", targets, cfg, shape=idx32.shape)
         dropout, seed = 0.0, 0
         if self.training and cfg.dropout > 0.0:
             dropout = cfg.dropout
@@ -286,6 +278,8 @@ class GPT:
 
     def loss(self, idx, targets):
         """The mean loss only: forward without copying the logits out."""
+        if self._graph.fp32_released:
+            return self._scored(idx, targets)[1]
         return self._run_forward(idx, targets)
 
     def zero_grad(self):
@@ -299,6 +293,7 @@ class GPT:
         the loss whose gradient is taken (a data-parallel rank's share of the
         global batch), at no extra cost.
         """
+        self._need_fp32("backward()")
         if not self._graph.has_targets:
             raise RuntimeError("backward() needs a forward() with targets first")
         loss_scale = float(loss_scale)
@@ -311,47 +306,6 @@ class GPT:
             return None
         return {name: view.copy() for name, view in self._named_grads.items()}
 
-    # -- generation ---------------------------------------------------------------------
-
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                 seed=None, callback=None):
-        """Continue each row of idx (B, T0) by max_new_tokens sampled tokens.
-
-        Returns the whole sequences, (B, T0 + max_new_tokens) int64, as nanoGPT.
-        temperature 0 picks the most likely token; top_k keeps the k most likely;
-        top_p keeps the smallest set of most likely tokens whose probability
-        reaches p. A prompt longer than block_size is cropped to its last
-        block_size tokens. Uses a KV cache: each new token costs one position.
-        When the block_size window is full the cache is rebuilt from the last
-        block_size // 2 tokens (nanoGPT instead recomputes the full window for
-        every token past block_size, block_size times the work).
-        callback(tokens), if given, gets each step's new tokens, shape (B,).
-        """
-        cfg = self.config
-        idx = np.asarray(idx)
-        if idx.ndim == 2 and idx.shape[1] > cfg.block_size:
-            idx_cond = idx[:, -cfg.block_size:]
-        else:
-            idx_cond = idx
-        idx32 = _check_tokens("idx", idx_cond, cfg)
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) \
-                or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-        temperature = float(temperature)
-        if not temperature >= 0.0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        if top_k is not None and (isinstance(top_k, bool) or int(top_k) != top_k or top_k < 1):
-            raise ValueError(f"top_k must be an integer >= 1, got {top_k!r}")
-        if top_p is not None and not 0.0 < np.float32(top_p) <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1] (as a float32), got {top_p}")
-        if seed is None:
-            seed = int(np.random.SeedSequence().entropy % 2**64)
-        keep = max(1, cfg.block_size // 2)
-        new = self._graph.generate(idx32, int(max_new_tokens), temperature,
-                                   int(top_k or 0), float(top_p or 1.0), int(seed) % 2**64,
-                                   keep, callback)
-        return np.concatenate([idx.astype(np.int64), new.astype(np.int64)], axis=1)
-
     def attention_probs(self):
         """The last forward's attention probabilities, (n_layer, B, n_head, T, T)
         float32 (row i: how much position i attends to each position j <= i),
@@ -362,15 +316,3 @@ class GPT:
         cfg = self.config
         B, T = self._graph.B, self._graph.T
         return view.reshape(cfg.n_layer, B, cfg.n_head, T, T).copy()
-
-    def prefill_logits(self, idx):
-        """Fill the KV cache from idx (B, T); logits of the last position (B, V)."""
-        return self._graph.prefill_logits(_check_tokens("idx", idx, self.config))
-
-    def decode_logits(self, tokens, pos):
-        """One KV-cache step: tokens (B,) at position pos -> logits (B, V)."""
-        tokens = np.asarray(tokens)
-        if tokens.ndim != 1:
-            raise ValueError("tokens must be 1-D, one per row")
-        return self._graph.decode_logits(_check_tokens("tokens", tokens[:, None],
-                                                       self.config).ravel(), int(pos))
