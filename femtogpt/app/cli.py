@@ -283,6 +283,10 @@ def build_parser():
                                                                  "free port)")
     p_serve.add_argument("--threads", type=int, default=0, metavar="N",
                          help="OpenMP threads for the models (0: OMP_NUM_THREADS, else all cores)")
+    p_serve.add_argument("--dtype", default="fp32", metavar="{fp32,bf16,int8}",
+                         help="the type the models' weights are read in while sampling, as "
+                              "`femtogpt sample --dtype` (default: fp32; the attention view "
+                              "needs fp32)")
     p_serve.add_argument("--verbose", action="store_true", help="log every request")
     p_serve.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                          help="show the full traceback on errors")

@@ -38,7 +38,7 @@ import numpy as np
 
 from ..errors import ConfigError, DataError
 
-DTYPES = ("fp32", "bf16", "int8")
+from ..model.config import WEIGHT_DTYPES as DTYPES
 # Activations of one batch stay below this (the window count adapts to the model).
 BATCH_BYTES = 256 << 20
 MAX_WINDOWS = 128
@@ -132,26 +132,6 @@ def data_text(data, tokenizer):
 # --------------------------------------------------------------------------- the command
 
 
-def _load(path, dtype):
-    """(model, tokenizer) computing in dtype, whatever the model was trained in:
-    fp32, or a type the model's core has (GPT.set_dtype, model/config.py's
-    DTYPES); refused in one line otherwise."""
-    from ..files import load
-    from ..model import config as model_config
-    model, tokenizer = load(path)
-    if not hasattr(model, "set_dtype"):
-        have = ("fp32",)
-    else:
-        have = getattr(model_config, "DTYPES", ("fp32",))
-    if dtype not in have:
-        raise ConfigError(f"--dtype {dtype} comes with the {dtype} sampling kernels, which "
-                          f"this femtogpt does not have yet (it computes in "
-                          f"{' and '.join(have)})")
-    if hasattr(model, "set_dtype"):
-        model.set_dtype(dtype)
-    return model, tokenizer
-
-
 def evaluate(path, data=None, dtype="fp32", threads=0, log=None):
     """The figures `femtogpt eval` prints, as a dict."""
     from .. import _core
@@ -162,7 +142,8 @@ def evaluate(path, data=None, dtype="fp32", threads=0, log=None):
         raise ConfigError(f"--threads must be >= 0, got {threads}")
     if threads:
         _core.set_num_threads(threads)
-    model, tokenizer = _load(path, dtype)
+    from ..files import load
+    model, tokenizer = load(path, dtype=dtype)
     model.eval()
     if data is None:
         from ..files.hf import is_hf_folder
@@ -196,9 +177,8 @@ def add_eval_arguments(parser):
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object instead of a line of text")
     parser.add_argument("--dtype", default="fp32", metavar="{fp32,bf16,int8}",
-                        help="arithmetic of the matrix products: fp32, bf16 (bf16 operands, "
-                             "fp32 sums, as training's --dtype bf16), int8 once the core has "
-                             "it (default: fp32)")
+                        help="the type the weights are read in, as `femtogpt sample --dtype`: "
+                             "the loss that sampling at that type sees (default: fp32)")
     parser.add_argument("--threads", type=int, default=0, metavar="N",
                         help="OpenMP threads (default: 0: OMP_NUM_THREADS, else all cores)")
 

@@ -94,6 +94,9 @@ def attention(model, tokenizer, text, layer, head):
     if not 0 <= layer < cfg.n_layer or not 0 <= head < cfg.n_head:
         raise DataError(f"layer must be in 0..{cfg.n_layer - 1} and head in "
                         f"0..{cfg.n_head - 1}, got layer {layer}, head {head}")
+    if model.weights_dtype != "fp32":
+        raise DataError(f"the attention view reads the fp32 model; this one samples in "
+                        f"{model.weights_dtype} (serve without --dtype to see it)")
     ids = encode_for_probe(model, tokenizer, text)
     model.eval()
     model.loss(np.array([ids], dtype=np.int64), np.array([ids], dtype=np.int64))

@@ -39,6 +39,14 @@ def add_sample_arguments(parser):
                         help="random seed; the same seed gives the same text (default: random)")
     parser.add_argument("--threads", type=int, default=0, metavar="N",
                         help="OpenMP threads (default: 0: OMP_NUM_THREADS, else all cores)")
+    parser.add_argument("--dtype", default="fp32", metavar="{fp32,bf16,int8}",
+                        help="the type the weights are read in while sampling, converted "
+                             "once at load: fp32 (default), bf16 (half the bytes), int8 "
+                             "(a quarter: symmetric per block of 32, as llama.cpp's q8_0). "
+                             "Embeddings and LayerNorms stay fp32")
+    parser.add_argument("--stats", action="store_true",
+                        help="print on stderr at the end: prompt and decode tokens/s, peak "
+                             "memory, dtype, threads")
 
 
 def _check_sample_args(args):
@@ -57,6 +65,30 @@ def _check_sample_args(args):
         raise ConfigError(f"--threads must be >= 0, got {args.threads}")
     if args.prompt is not None and args.prompt_file is not None:
         raise ConfigError("give --prompt or --prompt-file, not both")
+    check_dtype(args.dtype)
+
+
+def check_dtype(dtype):
+    """--dtype of sample and serve: one line naming the choices."""
+    from ..model.config import WEIGHT_DTYPES
+    if dtype not in WEIGHT_DTYPES:
+        raise ConfigError(f"--dtype {dtype} is not one of {', '.join(WEIGHT_DTYPES)}")
+
+
+def stats_line(model, totals):
+    """`femtogpt sample --stats`: what llama.cpp prints at the end of a run."""
+    import resource
+    from .. import _core
+
+    def rate(tokens, seconds):
+        return f"{tokens / seconds:,.1f} tok/s" if seconds > 0 else "- tok/s"
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # KiB on Linux
+    return (f"prompt: {totals['prompt_tokens']:,} tokens in {totals['prompt_seconds']:.3f} s "
+            f"({rate(totals['prompt_tokens'], totals['prompt_seconds'])}); "
+            f"decode: {totals['decode_tokens']:,} tokens in {totals['decode_seconds']:.3f} s "
+            f"({rate(totals['decode_tokens'], totals['decode_seconds'])}); "
+            f"peak memory {peak:,.0f} MiB (weights {model.weights_bytes / 2**20:,.0f} MiB); "
+            f"dtype {model.weights_dtype}; threads {_core.get_num_threads()}")
 
 
 def stream_sample(model, tokenizer, prompt, max_new_tokens, temperature=0.8, top_k=200,
@@ -99,7 +131,8 @@ def sample_command(args):
     _check_sample_args(args)
     if args.threads:
         _core.set_num_threads(args.threads)
-    model, tokenizer = load(args.checkpoint if args.checkpoint is not None else args.out)
+    model, tokenizer = load(args.checkpoint if args.checkpoint is not None else args.out,
+                            dtype=args.dtype)
     if args.prompt_file is not None:
         prompt = read_text(args.prompt_file, what="prompt file")
     else:
@@ -107,11 +140,17 @@ def sample_command(args):
     seed = args.seed
     if seed is None:
         seed = int(np.random.SeedSequence().entropy % 2**63)
+    totals = dict.fromkeys(("prompt_tokens", "prompt_seconds", "decode_tokens",
+                            "decode_seconds"), 0)
     for i in range(args.num_samples):
         if i:
             print("---------------")
         stream_sample(model, tokenizer, prompt, args.max_new_tokens, args.temperature,
                       args.top_k, args.top_p, seed + i)
+        for key, value in model.last_generate_stats.items():
+            totals[key] += value
+    if args.stats:
+        print(stats_line(model, totals), file=sys.stderr)
     return 0
 
 

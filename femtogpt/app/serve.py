@@ -41,13 +41,13 @@ __all__ = ["BadRequest", "Busy", "Forbidden", "Handler", "MAX_BODY_BYTES", "MAX_
            "serve_command"]
 
 
-def make_server(paths, host="127.0.0.1", port=8000, verbose=False):
+def make_server(paths, host="127.0.0.1", port=8000, verbose=False, dtype="fp32"):
     """A Server for the given run folders, checkpoint files or model folders
     (each checked to hold a model now), bound but not yet serving."""
     from ..errors import ConfigError
     sources = []
     for i, path in enumerate(paths):
-        source = Source(i, path)
+        source = Source(i, path, dtype)
         if not os.path.exists(path):
             raise ConfigError(f"nothing to serve at {path}: it does not exist")
         try:
@@ -63,9 +63,11 @@ def make_server(paths, host="127.0.0.1", port=8000, verbose=False):
 
 def serve_command(args):
     from .. import _core
+    from .sample import check_dtype
+    check_dtype(args.dtype)
     if args.threads:
         _core.set_num_threads(args.threads)
-    server = make_server(args.out, args.host, args.port, args.verbose)
+    server = make_server(args.out, args.host, args.port, args.verbose, args.dtype)
     host, port = server.server_address[:2]
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"femtogpt: warning: serving on {args.host}, not only this machine: anyone who "

@@ -25,9 +25,10 @@ class Source:
     Face folder. Models are loaded on demand, one per concurrent request, and
     loaded again when the checkpoint on disk changes."""
 
-    def __init__(self, index, path):
+    def __init__(self, index, path, dtype="fp32"):
         from ..files.rundir import METRICS_NAME
         self.index, self.path = index, os.path.abspath(path)
+        self.dtype = dtype          # the weights' type its models sample in (serve --dtype)
         # What the page calls it: the folder's name, or a file's with its
         # folder's. Never the path: the page may be seen from other machines
         # (--host), and where the runs are on this one is not theirs to know.
@@ -99,6 +100,7 @@ class Source:
                              "block_size": model.config.block_size,
                              "vocab_size": model.config.vocab_size}
             info["tokenizer"] = tokenizer.to_dict()["type"]
+            info["sampling_dtype"] = model.weights_dtype
         except FemtoGPTError as err:
             info.setdefault("problem", str(err))
         if "problem" in info:
@@ -132,7 +134,7 @@ class Source:
                 return entry
             self._in_use += 1
         try:
-            model, tokenizer = load(key[0])
+            model, tokenizer = load(key[0], dtype=self.dtype)
         except BaseException:
             with self._lock:
                 self._in_use -= 1

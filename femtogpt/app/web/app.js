@@ -61,6 +61,8 @@ function renderRuns() {
       `${run.parameters ? (run.parameters / 1e6).toFixed(2) + "M" : "?"} params · ` +
       // a run from before --dtype trained in fp32
       `${(run.config || {}).dtype || "fp32"} · ` +
+      (run.sampling_dtype && run.sampling_dtype !== "fp32" ?
+        `samples in ${run.sampling_dtype} · ` : "") +
       `step ${run.iter ?? "—"} · best val ${fmt(run.best_val_loss, 4)} ` +
       `(${fmt(run.best_val_bpc, 3)} bits/char)` + (run.problem ? ` · ${run.problem}` : "");
     li.onclick = () => select(run.id);
