@@ -122,10 +122,13 @@ def test_bad_dtype_is_refused_by_name():
 def test_weights_bytes_follow_the_type():
     m = random_model(n_embd=64, vocab_size=300)
     cfg = m.config
-    matrices = cfg.n_layer * 12 * cfg.n_embd ** 2 + cfg.vocab_size * cfg.n_embd
-    rest = m.weights_bytes - 4 * matrices
+    blocks = cfg.n_layer * 12 * cfg.n_embd ** 2
+    matrices = blocks + cfg.vocab_size * cfg.n_embd        # the lm_head's copy too
+    # fp32: the parameter block itself (the lm_head is wte)
+    assert m.weights_bytes == 4 * m.params_flat.size
+    rest = m.weights_bytes - 4 * blocks
     got = {d: copy_of(m).convert_weights(d).weights_bytes - rest for d in DTYPES}
-    assert got["fp32"] == 4 * matrices
+    assert got["fp32"] == 4 * blocks
     # bf16: 2 bytes (+ padding of the packed panels); int8: 1 byte + a scale per 32
     assert 2 * matrices <= got["bf16"] <= 2.3 * matrices
     assert 1.06 * matrices <= got["int8"] <= 1.3 * matrices
@@ -213,7 +216,7 @@ def test_sample_stats_and_dtype(trained, capsys):
     stats = captured.err.strip().split("\n")[-1]
     # two samples: 2 x 5 prompt characters, 2 x 25 new tokens
     assert "prompt: 10 tokens" in stats and "decode: 50 tokens" in stats
-    assert "dtype int8" in stats and "threads 1" in stats and "peak memory" in stats
+    assert "dtype int8" in stats and "threads 1" in stats and "MiB, peak" in stats
     assert captured.out.count("First") >= 2
 
 

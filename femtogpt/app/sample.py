@@ -5,6 +5,7 @@ with a KV cache, so each new token costs one position's work.
 """
 import argparse
 import codecs
+import os
 import sys
 
 import numpy as np
@@ -83,11 +84,16 @@ def stats_line(model, totals):
     def rate(tokens, seconds):
         return f"{tokens / seconds:,.1f} tok/s" if seconds > 0 else "- tok/s"
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # KiB on Linux
+    try:
+        with open("/proc/self/statm") as f:         # resident pages now (Linux)
+            now = f"{int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2**20:,.0f} MiB, "
+    except (OSError, ValueError, IndexError):
+        now = ""
     return (f"prompt: {totals['prompt_tokens']:,} tokens in {totals['prompt_seconds']:.3f} s "
             f"({rate(totals['prompt_tokens'], totals['prompt_seconds'])}); "
             f"decode: {totals['decode_tokens']:,} tokens in {totals['decode_seconds']:.3f} s "
             f"({rate(totals['decode_tokens'], totals['decode_seconds'])}); "
-            f"peak memory {peak:,.0f} MiB (weights {model.weights_bytes / 2**20:,.0f} MiB); "
+            f"memory {now}peak {peak:,.0f} MiB (weights {model.weights_bytes / 2**20:,.0f} MiB); "
             f"dtype {model.weights_dtype}; threads {_core.get_num_threads()}")
 
 

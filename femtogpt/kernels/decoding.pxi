@@ -340,11 +340,10 @@ cdef class Graph(TrainingGraph):
         return self.lin.dtype
 
     @property
-    def weights_bytes(self):
-        """Bytes the weights take as sampling reads them: the linear layers at
-        their type, plus the fp32 embeddings, LayerNorms and biases."""
-        fp32_rest = 4 * (self.params_buf.size - self.L * 12 * self.C * self.C)
-        return self.lin.nbytes + fp32_rest
+    def linear_bytes(self):
+        """Bytes of the linear layers at their sampling type (fp32: the blocks'
+        matrices, the lm_head being wte; else the converted copies, lm_head too)."""
+        return self.lin.nbytes
 
     def set_weights_dtype(self, str dtype, bint release=True):
         """Convert the linear layers to dtype ("fp32", "bf16", "int8") for the

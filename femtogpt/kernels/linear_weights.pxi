@@ -110,7 +110,7 @@ cdef class LinearWeights:
     cdef LayerLinear* layers      # (L)
     cdef LinearWeight lm_head     # wte (V, C)
     cdef Buffer mem               # the converted copies; None for fp32
-    cdef readonly Py_ssize_t nbytes   # bytes the linear weights take at this type
+    cdef readonly Py_ssize_t nbytes   # bytes of the copies (fp32: of the blocks' matrices)
 
     def __dealloc__(self):
         PyMem_Free(self.layers)
@@ -161,6 +161,8 @@ cdef class LinearWeights:
             # the lm_head: wte stays fp32 (it is the embedding too)
             linear_convert(&self.lm_head, kind, p.wte, V, C, base + used, n)
         if kind == LINEAR_FP32:
-            self.nbytes = 4 * (<Py_ssize_t>L * 12 * C * C + <Py_ssize_t>V * C)
+            # the blocks' matrices; the lm_head is wte itself, counted with the
+            # embeddings by the caller
+            self.nbytes = 4 * <Py_ssize_t>L * 12 * C * C
         else:
             self.nbytes = <Py_ssize_t>total

@@ -22,8 +22,11 @@ class Sampling:
 
     @property
     def weights_bytes(self):
-        """Bytes of the weights as sampling reads them (linear layers at weights_dtype)."""
-        return self._graph.weights_bytes
+        """Bytes of the weights as sampling reads them: the linear layers at
+        weights_dtype, the embeddings, LayerNorms and biases in fp32."""
+        cfg = self.config
+        fp32_blocks = 4 * cfg.n_layer * 12 * cfg.n_embd ** 2
+        return 4 * self._params_flat.size - fp32_blocks + self._graph.linear_bytes
 
     def convert_weights(self, dtype):
         """Sample and score with the linear layers in dtype ("fp32", "bf16",
