@@ -87,6 +87,25 @@ def test_decode_steps_continue_the_prompt_pass(reference, dtype):
                                    atol=2e-3 * np.abs(whole).max())
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_more_threads_after_the_prompt_pass_decode_the_same(reference, dtype):
+    # The decoder's per-thread scratch is laid out by the prompt pass: a step
+    # after set_num_threads(2) must neither overrun it nor change the numbers.
+    model, idx, _ = reference
+    saved = femtogpt.get_num_threads()
+    try:
+        steps = []
+        for threads_after in (1, 2):
+            m = copy_of(model).convert_weights(dtype)
+            femtogpt.set_num_threads(1)
+            m.prefill_logits(idx[:, :20])
+            femtogpt.set_num_threads(threads_after)
+            steps.append([m.decode_logits(idx[:, p], p) for p in range(20, 24)])
+    finally:
+        femtogpt.set_num_threads(saved)
+    assert all(np.array_equal(a, b) for a, b in zip(*steps))
+
+
 def test_fp32_sampling_is_unchanged_by_the_conversion_api(reference):
     model, idx, _ = reference
     a = copy_of(model).generate(idx[:, :5], 30, temperature=0.9, top_k=20, seed=7)

@@ -104,7 +104,7 @@ cdef class Decoder:
         self.buf = None
         self.B = 0
         self.rows = self.logit_rows = 0
-        self.att_T = 0
+        self.att_T = self.n_slots = 0
         self.cache_len = 0
 
     cdef set_weights(self, LinearWeights lin):
@@ -138,14 +138,14 @@ cdef class Decoder:
         return used
 
     cdef reserve(self, int B, int T, bint all_logits):
-        # Room for a pass over (B, T) new positions. A new batch size lays out
-        # a new cache (its contents are gone); otherwise the block only grows,
-        # and the cache is kept (it is laid out first, so growing moves it).
+        # Room for a prompt pass over (B, T) new positions, before it runs: the
+        # block only grows (or is laid out anew for another batch size), and a
+        # new layout empties the cache, which the prompt pass fills from 0.
+        # Decode steps need no more room than their prompt pass had.
         cdef Py_ssize_t rows = <Py_ssize_t>B * T
         cdef Py_ssize_t logit_rows = rows if all_logits else B
         cdef int att_T = T if T > 1 else 0
         cdef int n_slots = openmp.omp_get_max_threads()
-        cdef Buffer old = None
         if (self.buf is not None and self.B == B and rows <= self.rows
                 and logit_rows <= self.logit_rows and att_T <= self.att_T
                 and n_slots <= self.n_slots):
@@ -153,17 +153,9 @@ cdef class Decoder:
         if self.buf is not None and self.B == B:
             rows, logit_rows = max(rows, self.rows), max(logit_rows, self.logit_rows)
             att_T, n_slots = max(att_T, self.att_T), max(n_slots, self.n_slots)
-            old = self.buf
-        else:
-            self.cache_len = 0
+        self.cache_len = 0
         self.buf = None     # free the old block before allocating the new one
-        kv_floats = <Py_ssize_t>self.L * B * self.max_T * self.C
-        new = Buffer(self._layout(NULL, B, rows, logit_rows, att_T, n_slots))
-        if old is not None and self.cache_len > 0:
-            # the cache is the block's first 2 * kv floats (each rounded by _take)
-            np.asarray(new)[:2 * kv_floats + 32] = np.asarray(old)[:2 * kv_floats + 32]
-        old = None
-        self.buf = new
+        self.buf = Buffer(self._layout(NULL, B, rows, logit_rows, att_T, n_slots))
         self.B, self.rows, self.logit_rows, self.att_T, self.n_slots = (
             B, rows, logit_rows, att_T, n_slots)
         self._layout(self.buf.data, B, rows, logit_rows, att_T, n_slots)
@@ -213,8 +205,13 @@ cdef class Decoder:
         cdef Py_ssize_t bh, b, h, l_off
         cdef int width = qkv_width(C)
         cdef bint parallel = <Py_ssize_t>B * (pos + 1) * C >= ATTN_PARALLEL_MIN
-        if parallel:
-            for bh in prange(<Py_ssize_t>B * NH, schedule="static"):
+        # at most the threads the scores were laid out for (a caller may have
+        # raised the thread count since the prompt pass)
+        cdef int n_threads = openmp.omp_get_max_threads()
+        if n_threads > self.n_slots:
+            n_threads = self.n_slots
+        if parallel and n_threads > 1:
+            for bh in prange(<Py_ssize_t>B * NH, schedule="static", num_threads=n_threads):
                 b = bh // NH
                 h = bh % NH
                 cached_head_attention(
@@ -381,7 +378,7 @@ cdef class Graph(TrainingGraph):
         if pos == 0:
             self.decoder.reserve(B, T, all_logits)
         elif all_logits:
-            self.decoder.reserve(B, 1, True)
+            raise ValueError("every position's logits come from a pass from position 0")
         with nogil:
             self.decoder.forward(&idx[0, 0], T, pos, all_logits)
         return B * T if all_logits else B
