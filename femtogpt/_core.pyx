@@ -36,8 +36,9 @@ Reading order (the files are in femtogpt/kernels/, joined below)
                       packed bf16 weights, its per-op profile
      training_graph.pxi  TrainingGraph: forward, backward over the blocks
      decoding.pxi     Decoder: the inference pass (a prompt's positions at once,
-                      or one per row) over the KV cache; Graph: the
-                      TrainingGraph with a Decoder, as femtogpt.model uses it
+                      or one per row) over the KV cache
+     graph.pxi        Graph: the TrainingGraph with a Decoder and the sampling
+                      type of its linear layers, as femtogpt.model uses it
      generate.pxi     the sampling loop
 
 Conventions
@@ -93,6 +94,7 @@ include "kernels/linear_weights.pxi"
 include "kernels/graph_blocks.pxi"
 include "kernels/training_graph.pxi"
 include "kernels/decoding.pxi"
+include "kernels/graph.pxi"
 include "kernels/generate.pxi"
 
 

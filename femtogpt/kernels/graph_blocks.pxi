@@ -37,7 +37,7 @@ cdef class GraphBlocks:
     cdef uint64_t seed
     cdef int32_t[::1] idx, targets
     cdef bint busy            # a call is running (see _acquire)
-    cdef readonly bint fp32_released  # the fp32 matrices were given back (decoding.pxi)
+    cdef readonly bint fp32_released  # the fp32 matrices were given back (graph.pxi)
     # bf16 (set_dtype): packed weights, allocated once, and a workspace per (B, T)
     cdef readonly bint bf16             # the matrix products run in bf16
     cdef readonly Py_ssize_t pack_count  # times the weights were packed (tests)

@@ -1,7 +1,7 @@
 # The training graph: the GPT's forward and backward over one parameter block,
 # one gradient block and one activation block laid out once per (B, T)
 # (layout.pxi); AdamW (adamw.pxi) then updates the parameter block in one loop,
-# called by femtogpt/train. Graph (decoding.pxi) is this class with a KV cache.
+# called by femtogpt/train. Graph (graph.pxi) is this class with the inference pass.
 #
 # The matrix products' dtype and the packed bf16 weights are graph_blocks.pxi's.
 
