@@ -6,27 +6,49 @@ builds, never within one).
 out (B, C_out) = inp (B, C_in) @ weight (C_out, C_in)^T + bias. Outputs are
 pre-filled with NaN, so an element the kernel never writes shows.
 """
+import glob
 import importlib
+import importlib.util
+import os
 
 import numpy as np
 import pytest
 
+import femtogpt
 from femtogpt import _cpu
-from femtogpt._dispatch import LEVELS
+from femtogpt._dispatch import LEVELS, MODULES
 
 
 def _builds():
-    mods = {"x86-64": "femtogpt._core", "x86-64-v3": "femtogpt._core_x86_64_v3",
-            "x86-64-v4": "femtogpt._core_x86_64_v4"}
+    """(name, module) of every build of the core this CPU runs. femtogpt._core
+    is the dispatched build, so the baseline is loaded from its own file."""
     if len(_cpu.BUILT) == 1:
-        return [("femtogpt._core", _cpu.BUILT[0])]
-    return [(mods[t], t) for t in _cpu.BUILT
-            if t in mods and LEVELS.get(t, 99) <= _cpu.cpu_level()]
+        return [_cpu.BUILT[0]]
+    return [t for t in _cpu.BUILT if LEVELS.get(t, 99) <= _cpu.cpu_level()]
 
 
-@pytest.fixture(scope="module", params=_builds(), ids=lambda b: b[1])
+def _load(target):
+    if len(_cpu.BUILT) == 1:
+        return femtogpt._core
+    if target in _BASELINE:
+        return _BASELINE[target]
+    if MODULES[target] != "_core":
+        return importlib.import_module("femtogpt." + MODULES[target])
+    path = glob.glob(os.path.join(os.path.dirname(femtogpt.__file__), "_core.*.so"))[0]
+    spec = importlib.util.spec_from_file_location("femtogpt._core", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.TARGET == target
+    _BASELINE[target] = module
+    return module
+
+
+_BASELINE = {}
+
+
+@pytest.fixture(scope="module", params=_builds())
 def core(request):
-    return importlib.import_module(request.param[0])
+    return _load(request.param)
 
 
 def matvec(core, inp, weight, bias):
@@ -95,6 +117,18 @@ def test_row_of_a_batch_equals_the_one_row_call(core, threads, C_in, C_out):
         for B in range(1, 10):
             np.testing.assert_array_equal(matvec(core, inp[:B], weight, bias), single[:B],
                                           err_msg=f"B={B}, {n_threads} thread(s)")
+
+
+@pytest.mark.skipif(not {"x86-64-v3", "x86-64-v4"} <= set(_builds()),
+                    reason="needs the -v3 and -v4 builds and a CPU that runs both")
+def test_v3_and_v4_builds_give_the_same_bits():
+    # Both sum 8 wide with fused multiply-adds (the tail too: it is a
+    # zero-padded vector), so the AVX2 and the AVX-512 build agree.
+    v3, v4 = _load("x86-64-v3"), _load("x86-64-v4")
+    for B, C_in, C_out in [(3, 7, 17), (5, 100, 1003), (4, 768, 2304), (2, 3071, 33)]:
+        inp, weight, bias = operands(B, C_in, C_out, True, seed=C_in)
+        np.testing.assert_array_equal(matvec(v3, inp, weight, bias),
+                                      matvec(v4, inp, weight, bias))
 
 
 def test_rejects_wrong_sizes(core):

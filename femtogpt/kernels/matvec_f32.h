@@ -25,21 +25,23 @@
  *   - 256-bit vectors streamed 15-25% faster than 512-bit ones, so the
  *     AVX-512 build also uses 8-wide vectors (its 32 registers hold more
  *     sums: RB = 4 rows of x against AVX2's 2). The baseline build's SSE2
- *     ran faster at 8 wide (two xmm a vector) than at 4.
+ *     ran as fast at 8 wide (two xmm a vector) as at 4 for one row, faster
+ *     for four; there one row is ~25% slower than the dot product was, four
+ *     rows faster (-v3 and -v4 are faster at every B).
  *
- * Summation order (each build's; it is not dot's). For one element
- * out[b][n], VL = 8 the vector width and K0 = K rounded down to a multiple of VL:
+ * Summation order (it is not dot's). For one element out[b][n], VL = 8 the
+ * vector width, rows of x and W read as zero past K:
  *     acc[l] = +0 (l = 0 .. VL-1)
- *     for k = 0, VL, 2VL, .. < K0:  acc[l] = acc[l] + x[b][k+l] * W[n][k+l]
+ *     for k = 0, VL, 2VL, .. < K:  acc[l] = acc[l] + x[b][k+l] * W[n][k+l]
  *     s = acc folded by halves: acc[l] + acc[l + VL/2] for l < VL/2, and again
  *         down to one value (a fixed tree)
- *     for k = K0 .. K-1:  s = s + x[b][k] * W[n][k]
  *     out[b][n] = s (+ bias[n])
  * all in float32, the multiply-add fused where the build has FMA (-v3 and
  * -v4, which then give the same bits; gcc contracts every such expression in
- * this file alike), a rounded multiply then add in the baseline build. The result of an element depends only on its row of x,
- * its row of W and K: not on B, on the block or run it falls in, or on the
- * range of outputs a thread was given. So the product is bit-identical at
+ * this file alike), a rounded multiply then add in the baseline build. The
+ * result of an element depends only on its row of x, its row of W and K:
+ * not on B, on the block or run it falls in, or on the range of outputs a
+ * thread was given. So the product is bit-identical at
  * any thread count, and row b of a B-row call equals the 1-row call on it.
  */
 #ifndef FEMTOGPT_MATVEC_F32_H
@@ -65,10 +67,10 @@
 typedef float matvec_f32_v __attribute__((vector_size(MATVEC_F32_VL * 4)));
 
 /* The fold by halves of the top comment: a fixed tree, whatever gcc makes of it. */
-static inline float matvec_f32_hsum(matvec_f32_v acc)
+static inline float matvec_f32_hsum(const matvec_f32_v* acc)
 {
     float s[MATVEC_F32_VL];
-    memcpy(s, &acc, sizeof s);
+    memcpy(s, acc, sizeof s);
 #pragma GCC unroll 4
     for (int h = MATVEC_F32_VL / 2; h >= 1; h /= 2)
 #pragma GCC unroll 8
@@ -90,7 +92,7 @@ static inline __attribute__((always_inline)) void matvec_f32_block(
 #pragma GCC unroll 8
         for (int r = 0; r < RO; r++)
             acc[b][r] = (matvec_f32_v){0};
-    int K0 = K / MATVEC_F32_VL * MATVEC_F32_VL;
+    int K0 = K / MATVEC_F32_VL * MATVEC_F32_VL;   /* whole vectors */
     for (int k = 0; k < K0; k += MATVEC_F32_VL) {
         matvec_f32_v wv[MATVEC_F32_RO];
 #pragma GCC unroll 8
@@ -105,15 +107,27 @@ static inline __attribute__((always_inline)) void matvec_f32_block(
                 acc[b][r] = acc[b][r] + xv * wv[r];
         }
     }
+    if (K0 < K) {   /* the last K - K0 < VL of each row, zero-padded to a vector */
+        matvec_f32_v wv[MATVEC_F32_RO];
+#pragma GCC unroll 8
+        for (int r = 0; r < RO; r++) {
+            wv[r] = (matvec_f32_v){0};
+            memcpy(&wv[r], w + (ptrdiff_t)r * rs * K + K0, (size_t)(K - K0) * sizeof(float));
+        }
+#pragma GCC unroll 8
+        for (int b = 0; b < RB; b++) {
+            matvec_f32_v xv = {0};
+            memcpy(&xv, x + (ptrdiff_t)b * K + K0, (size_t)(K - K0) * sizeof(float));
+#pragma GCC unroll 8
+            for (int r = 0; r < RO; r++)
+                acc[b][r] = acc[b][r] + xv * wv[r];
+        }
+    }
 #pragma GCC unroll 8
     for (int b = 0; b < RB; b++)
 #pragma GCC unroll 8
         for (int r = 0; r < RO; r++) {
-            const float* xb = x + (ptrdiff_t)b * K;
-            const float* wr = w + (ptrdiff_t)r * rs * K;
-            float s = matvec_f32_hsum(acc[b][r]);
-            for (int k = K0; k < K; k++)
-                s = s + xb[k] * wr[k];
+            float s = matvec_f32_hsum(&acc[b][r]);
             if (bias != NULL)
                 s = s + bias[r * rs];
             out[(ptrdiff_t)b * ldo + r * rs] = s;
