@@ -14,7 +14,7 @@
  * of W), so W comes from memory once for all B rows.
  *
  * How W is walked, as measured on Zen 4 at one thread, weights from memory
- * (GPT-2's shapes; see the commit message):
+ * (GPT-2's shapes, each layout timed alone in C, medians of 15-21 calls):
  *   - a block of MATVEC_F32_RO rows side by side (rows n..n+3) ran at 12-18
  *     GB/s where one row after another ran at 25-30: rows of K = 768 are 3 KB,
  *     and four interleaved 3 KB streams are too short for the hardware
