@@ -1,12 +1,18 @@
 # The linear layer, y = x @ W^T + b (weights stored (out, in), as PyTorch
 # does): batched through the GEMM front (gemm.pxi) in training and prefill,
-# and as one dot product per output for the handful of rows of decoding.
+# and for the handful of rows of decoding by matvec_f32.h (each weight read
+# once for all rows).
 # A bf16 graph passes the weight's packed layouts and its workspace (pw, bw:
 # gemm_bf16.pxi); NULL is the fp32 product, sgemm.
 
 cimport openmp
 from cython.parallel cimport prange
 from libc.string cimport memcpy
+
+
+cdef extern from "kernels/matvec_f32.h" nogil:
+    void matvec_f32(float* out, const float* x, const float* W, const float* bias,
+                    int B, int K, int N, int n0, int n1)
 
 
 cdef void fill_rows(float* out, const float* row, Py_ssize_t N, int C) noexcept nogil:
@@ -89,26 +95,37 @@ cdef void matmul_backward(float* dinp, float* dweight, float* dbias,
 DEF MATVEC_PARALLEL_MIN = 262144  # multiply-adds below which one thread beats a fork
 
 
+cdef inline void matvec_part(int part, int parts, float* out, const float* inp,
+                             const float* weight, const float* bias,
+                             int B, int C_in, int C_out) noexcept nogil:
+    # Thread `part` of `parts`: its contiguous block of the outputs.
+    cdef int chunk = (C_out + parts - 1) // parts
+    cdef int n0 = part * chunk
+    cdef int n1 = n0 + chunk if n0 + chunk < C_out else C_out
+    if n0 < n1:
+        matvec_f32(out, inp, weight, bias, B, C_in, C_out, n0, n1)
+
+
 cdef void matvec_forward(float* out, const float* inp, const float* weight,
                          const float* bias, int B, int C_in, int C_out) noexcept nogil:
     # matmul_forward for a handful of rows (decoding): out (B,C_out) =
     # inp (B,C_in) @ weight^T + bias. sgemm's fixed cost per call is larger than
-    # this much work, so it is a dot product per output. At batch 1 decoding
-    # reads every weight once per token, so it is bound by memory bandwidth:
-    # the outputs are split over the threads in contiguous blocks, each thread
-    # streaming its own rows of the weight. Each output is one thread's dot
-    # product, so the result does not depend on the thread count.
-    cdef Py_ssize_t b, o
-    cdef bint parallel = <Py_ssize_t>C_out * C_in >= MATVEC_PARALLEL_MIN
-    for b in range(B):
-        if parallel:
-            for o in prange(C_out, schedule="static"):
-                out[b * C_out + o] = dot(inp + b * C_in, weight + o * C_in, C_in)
-        else:
-            for o in range(C_out):
-                out[b * C_out + o] = dot(inp + b * C_in, weight + o * C_in, C_in)
-        if bias != NULL:
-            add_into(out + b * C_out, bias, C_out)
+    # this much work. Decoding reads every weight once per step, so it is bound
+    # by memory bandwidth: matvec_f32.h reads each weight row once for all B
+    # rows, and the outputs are split over the threads in contiguous blocks,
+    # each thread streaming its own rows of the weight. Each output is one
+    # thread's sum in matvec_f32.h's fixed order, so the result does not depend
+    # on the thread count, and row b equals the 1-row product of that row.
+    cdef int parts = 1, part
+    if <Py_ssize_t>C_out * C_in * B >= MATVEC_PARALLEL_MIN:
+        parts = openmp.omp_get_max_threads()
+        if parts > C_out:
+            parts = C_out
+    if parts <= 1:
+        matvec_f32(out, inp, weight, bias, B, C_in, C_out, 0, C_out)
+        return
+    for part in prange(parts, schedule="static", num_threads=parts):
+        matvec_part(part, parts, out, inp, weight, bias, B, C_in, C_out)
 
 
 def py_matmul_forward(float[::1] out, const float[::1] inp, const float[::1] weight,
@@ -149,8 +166,8 @@ def py_matmul_backward(float[::1] dinp, float[::1] dweight, dbias,
 
 def py_matvec_forward(float[::1] out, const float[::1] inp, const float[::1] weight, bias,
                       int B, int C_in, int C_out):
-    # The fp32 decoding product (scripts/bf16_rows_probe.py times it beside the
-    # bf16 one).
+    # The fp32 decoding product, matvec_forward (scripts/bf16_rows_probe.py
+    # times it beside the bf16 one).
     # out (B*C_out)  # OUT;  inp (B*C_in)  # IN;  weight (C_out*C_in)  # IN;  bias (C_out) or None  # IN
     cdef const float[::1] bias_view
     cdef const float* bias_ptr = NULL
