@@ -6,6 +6,7 @@ import platform
 import resource
 import statistics
 import sys
+import time
 
 
 PRESET_NAMES = ("femto", "baby", "small")
@@ -46,6 +47,18 @@ QUICK_REPS = {"femto": 5, "baby": 5, "small": 1, "gpt2-t256": 1, "gpt2-t1024": 1
 
 
 QUICK_WARMUP = {"femto": 1, "baby": 1, "small": 1, "gpt2-t256": 1, "gpt2-t1024": 1}
+
+
+def median_time(fn, reps):
+    """Seconds of fn(), the median of reps calls after one warm-up call (the
+    kernel probes' clock)."""
+    fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
 
 
 def log(message):

@@ -14,26 +14,14 @@ GFLOP/s = 2*M*N*K / time. Alternated per shape, CPU named. PyTorch is a
 measuring stick here, never a dependency.
 """
 import argparse
-import statistics
-import time
 
 import numpy as np
 
-from bench_common import cpu_name
+from bench_common import cpu_name, median_time
 
 SHAPES = {"qkv": (768, 2304), "attproj": (768, 768), "fc": (768, 3072),
           "fcproj": (3072, 768), "lm_head": (768, 50257)}      # (K, N)
 M = 1024
-
-
-def timed(fn, reps):
-    fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def main():
@@ -64,16 +52,16 @@ def main():
             out = np.empty(M * N, np.float32)
             xf = x.ravel()
             flops = 2.0 * M * N * K
-            cells = [timed(lambda: _core.py_bf16_matmul_packed(out, xf, None, M, K, N, packed),
+            cells = [median_time(lambda: _core.py_bf16_matmul_packed(out, xf, None, M, K, N, packed),
                            args.reps)]
             if torch:
                 tx, tw = torch.from_numpy(x), torch.from_numpy(w)
                 bx, bw = tx.to(torch.bfloat16), tw.to(torch.bfloat16)
-                cells.append(timed(lambda: torch.matmul(bx, bw.t()), args.reps))
-                cells.append(timed(lambda: torch.matmul(tx, tw.t()), args.reps))
+                cells.append(median_time(lambda: torch.matmul(bx, bw.t()), args.reps))
+                cells.append(median_time(lambda: torch.matmul(tx, tw.t()), args.reps))
             else:
                 cells += [None, None]
-            cells.append(timed(lambda: x @ w.T, args.reps))
+            cells.append(median_time(lambda: x @ w.T, args.reps))
             text = [f"{t * 1e3:.2f} ms, {flops / t / 1e9:.0f} GFLOP/s" if t else "—"
                     for t in cells]
             print(f"| {name} ({K} x {N}) | {threads} | " + " | ".join(text) + " |")

@@ -28,7 +28,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import cpu_name  # noqa: E402
+from bench_common import cpu_name, median_time  # noqa: E402
 from gemm_bf16_lib import (AMX, AVX512BF16, CFLAGS, F32P, KERNELS, LEVELS, PATH_NAMES,  # noqa: E402,F401
                            PORTABLE, U16P, WRAPPER, BuildError, Lib, bf16_value, find_cc,
                            reference_f64)
@@ -218,16 +218,6 @@ def run_checks(libs, out=print):
 
 SHAPES = [("qkv", 768, 2304), ("attproj", 768, 768), ("fc", 768, 3072), ("fcproj", 3072, 768),
           ("lm_head", 768, 50257)]
-
-
-def median_time(fn, reps):
-    fn()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return float(np.median(ts))
 
 
 def copies_for(nbytes, cache=64 << 20):

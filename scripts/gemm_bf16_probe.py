@@ -27,7 +27,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import cpu_name  # noqa: E402
+from bench_common import cpu_name, median_time  # noqa: E402
 from gemm_bf16_lib import (AMX, AVX512BF16, F32P, LEVELS, PATH_NAMES, PORTABLE, U16P,  # noqa: E402,F401 (the tests use them through this module)
                            bf16_round_ref, bf16_value, build, find_cc, operands,
                            reference_f64, reference_order, run)
@@ -245,16 +245,6 @@ def clock_ghz(lib, n=10_000_000):
     It moves (a shared VM: 2.5-3.6 GHz seen here), so it is taken per shape."""
     lib.so.probe_clock_chain(n)  # wake the core up
     return float(np.median([4 * n / lib.so.probe_clock_chain(n) / 1e9 for _ in range(5)]))
-
-
-def median_time(fn, reps):
-    fn()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return float(np.median(ts))
 
 
 def run_timings(lib, groups, reps, portable, out=print):

@@ -17,7 +17,6 @@ import argparse
 import os
 import sys
 import threading
-import time
 
 import numpy as np
 
@@ -27,27 +26,12 @@ sys.path.insert(0, HERE)
 
 from femtogpt import _core  # noqa: E402
 import femtogpt  # noqa: E402
+from bench_common import cpu_name, median_time  # noqa: E402
 
 SHAPES = [(768, 2304), (768, 768), (768, 3072), (3072, 768), (768, 50257)]  # (K, N)
 STREAM_BYTES = 160 << 20
 
 
-def median_time(fn, reps):
-    fn()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return float(np.median(ts))
-
-
-def cpu_name():
-    try:
-        import bench_common
-        return bench_common.cpu_name()
-    except Exception:  # noqa: BLE001 (a name for the report only)
-        return "unknown CPU"
 
 
 def bf16_timer(K, N, M, rng):
