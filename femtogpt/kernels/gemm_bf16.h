@@ -45,6 +45,9 @@
  * AVX512_BF16 if the CPU has it, else portable. The AVX-512 and AMX code is
  * compiled with per-function target attributes, so it exists in every build
  * of the core (even the baseline x86-64 one) and runs only where cpuid says.
+ * Built with -DFEMTOGPT_AMX_EMULATE (scripts/gemm_bf16_lib.py's test builds;
+ * never the core), the AMX path runs on any x86-64 over emulated tiles and
+ * is always available (see gemm_bf16_amx.h for what that tests).
  *
  * Packed B layout (gemm_bf16_pack_b, shared by all paths)
  * -------------------------------------------------------
@@ -102,7 +105,9 @@ enum {
  *   gemm_bf16_pack.h      rounding, sizes, packing of A and B
  *   gemm_bf16_portable.h  the portable micro-kernel
  *   gemm_bf16_avx512.h    the AVX512_BF16 micro-kernel
- *   gemm_bf16_amx.h       the AMX-BF16 micro-kernel
+ *   gemm_bf16_amx.h       the AMX-BF16 micro-kernel (and, in test builds
+ *                         only, gemm_bf16_amx_emulate.h: its tile
+ *                         instructions in plain C)
  * and below: which path the CPU runs, the driver, the entry points; then
  *   gemm_bf16_rows.h      the same product for a handful of rows (decoding)
  * which uses them. */
@@ -148,9 +153,13 @@ static int gemm_bf16_cpu_has(int path)
 
 /* Linux hands out the AMX tile state (8 KB per thread) only to a process
  * that asks: arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA). Asked
- * once; a refusal (old kernel, seccomp) means AMX is not used. */
+ * once; a refusal (old kernel, seccomp) means AMX is not used. In an
+ * emulation build (tests only) the tiles are plain C and always there. */
 static int gemm_bf16_amx_granted(void)
 {
+#if defined(FEMTOGPT_AMX_EMULATE) && defined(__x86_64__)
+    return 1;
+#else
     static int granted = -1; /* -1 not asked yet; racing threads ask twice, harmlessly */
     int g = __atomic_load_n(&granted, __ATOMIC_ACQUIRE);
     if (g < 0) {
@@ -163,6 +172,7 @@ static int gemm_bf16_amx_granted(void)
         __atomic_store_n(&granted, g, __ATOMIC_RELEASE);
     }
     return g;
+#endif
 }
 
 /* 1 if `path` runs here (for AMX: the CPU has it and Linux granted the tiles). */

@@ -1,23 +1,61 @@
-/* bf16 GEMM: the AMX-BF16 tile micro-kernel (tdpbf16ps). UNTESTED on
- * hardware: written on a Zen 4, which has no AMX.
+/* bf16 GEMM: the AMX-BF16 tile micro-kernel (tdpbf16ps).
  * Part of gemm_bf16.h (which includes it after its constants and system headers; not for use alone).
+ *
+ * What is tested, and what is not
+ * -------------------------------
+ * No CPU that ran this code so far has AMX (it was written on a Zen 4). Its
+ * logic is tested under emulation: built with -DFEMTOGPT_AMX_EMULATE (the
+ * "amx-emulated" builds of scripts/gemm_bf16_lib.py, never the core), the
+ * six tile intrinsics below become gemm_bf16_amx_emulate.h's plain C, which
+ * follows the SDM's semantics, honours the config loaded here and counts any
+ * use the hardware would fault on. tests/test_gemm_bf16.py then forces path
+ * 3 on any x86-64 and checks, with the driver and packing code unchanged:
+ *   - the tile config (rows/colsb of all 8 tiles), the A tiles' row-major
+ *     layout and Kp * 2-byte stride (gemm_bf16_pack_a_rowmajor, rows padded
+ *     with zeros to a multiple of 32), the B tiles read from the packed panel
+ *     with its 128-byte stride, Kp stepped by 32 (the count of each tile
+ *     instruction), the 2 x 2 tiles of C stored into `out`, the mr/nr tails,
+ *     the alpha/beta epilogue (beta == 0 never reads C), trans_a/trans_b, the
+ *     driver's 32-row micro-panels and MC blocks, and the scratch size:
+ *     NN/NT/TN/TT products of odd and tail sizes (M and N below, at and above
+ *     16 and 32, K below, at and off multiples of 32, M past one MC block)
+ *     against float64 within a float32 summation bound, bit for bit against a
+ *     numpy model of the emulated summation order, and against the portable
+ *     and AVX512_BF16 paths within float32 summation error;
+ *   - that every call releases the tiles, and the edge cases of the contract
+ *     (rounding, NaN/inf, denormals, alpha == 0, MXCSR restored).
+ * Not tested: real hardware at all, so neither its speed, nor its internal
+ * summation order of tdpbf16ps (the SDM and the Intrinsics Guide document two
+ * different ones; the tests run both and hold the results only to a bound),
+ * nor the real instructions as gcc emits them, nor the CPU/OS check: the
+ * emulation build reports AMX available without cpuid's AMX bits or
+ * arch_prctl(ARCH_REQ_XCOMP_PERM), so the grant on a real Linux kernel has
+ * never run.
  */
 #ifndef FEMTOGPT_GEMM_BF16_AMX_H
 #define FEMTOGPT_GEMM_BF16_AMX_H
 
 #if defined(__x86_64__)
+#if defined(FEMTOGPT_AMX_EMULATE)
+#include "gemm_bf16_amx_emulate.h"  /* tests only: the tile intrinsics in plain C */
+#endif
+
 /* (c) AMX-BF16: 32 x 32 of C per step in tiles 0-3 (2 x 2 of 16 x 16 fp32),
  * A in tiles 4-5 (16 rows x 32 k, row-major bf16), B in tiles 6-7 (16
  * k-pairs x 16 columns, read straight from the packed B panel with its
- * 128-byte row stride). UNTESTED: this machine (Zen 4) has no AMX; it is
- * only reached after cpuid and arch_prctl both say yes. */
+ * 128-byte row stride). Only reached after cpuid and arch_prctl both say yes
+ * (or in an emulation build). */
+#ifndef GEMM_BF16_AMX_TARGET
 #define GEMM_BF16_AMX_TARGET __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512bf16")))
+#endif
 
+/* ldtilecfg's 64-byte operand (palette 1 uses tiles 0-7; the rest stays zero). */
 struct gemm_bf16_tilecfg {
     uint8_t palette, start_row, reserved[14];
     uint16_t colsb[16];
     uint8_t rows[16];
 };
+_Static_assert(sizeof(struct gemm_bf16_tilecfg) == 64, "ldtilecfg reads 64 bytes");
 
 GEMM_BF16_AMX_TARGET
 static void gemm_bf16_tile_amx(int Kp, const uint16_t* a, const uint16_t* b,
