@@ -3,8 +3,14 @@
 The header is compiled as setup.py compiles the core, at each x86-64 level
 it builds (x86-64, -v3, -v4), by scripts/gemm_bf16_probe.py (whose checks these
 tests run). The portable path runs everywhere; the AVX512_BF16 path where the
-CPU has it; AMX is skipped on a CPU without it (none of the machines that ran
-these tests so far has AMX: that path is untested).
+CPU has it; AMX on real tiles only where the CPU has them (none of the
+machines that ran these tests so far has AMX, so those tests skip).
+
+The AMX path's code also runs on every x86-64 CPU over emulated tiles: the
+test-only "amx-emulated" builds (-DFEMTOGPT_AMX_EMULATE, gemm_bf16_amx_emulate.h,
+in the SDM's summation order and, -guide, the Intrinsics Guide's), which the
+tests named test_emulated_* use. That checks the kernel's logic and data
+flow, not the hardware (see gemm_bf16_amx.h).
 """
 import importlib.util
 import os
@@ -48,7 +54,8 @@ def test_rounding_is_round_to_nearest_even(lib):
 def test_products_match_float64_and_the_contract_order(lib, path):
     # NN, NT, TN (and TT), odd sizes 1..3072, padded lda/ldb/ldc, alpha/beta,
     # B packed per call and pre-packed: within the float64 bound, and bit for
-    # bit the float32 order the header's contract states
+    # bit the float32 order the header's contract states (AMX on real tiles:
+    # the bound only, tdpbf16ps sums in its own order)
     runs(lib, path)
     assert probe.check_path(lib, path) > 100
 
@@ -143,3 +150,114 @@ def test_force_refuses_a_path_the_cpu_lacks(lib):
     auto = lib.force(0)
     best = next(p for p in (probe.AMX, probe.AVX512BF16, probe.PORTABLE) if lib.available(p))
     assert auto == best
+
+
+def test_amx_tile_shapes_and_agreement_on_real_tiles(lib):
+    # on a CPU with AMX: the tile-sized shapes within the float64 bound, and
+    # AMX within float32 summation error of the other paths (its order is its own)
+    runs(lib, probe.AMX)
+    assert probe.check_tile_shapes(lib, probe.AMX) > 50
+    probe.check_amx_agrees(lib, [p for p in (probe.PORTABLE, probe.AVX512BF16) if lib.available(p)])
+
+
+# ---------------------------------------------------------------------------
+# The AMX path over emulated tiles, on any x86-64
+# ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module", params=probe.EMULATED or ["none"])
+def emulated(request, tmp_path_factory):
+    if not probe.EMULATED:
+        pytest.skip("the AMX code (and so its emulation) is x86-64 only")
+    if probe.find_cc() is None:
+        pytest.skip("no C compiler (gcc or cc) to build gemm_bf16.h")
+    lib = probe.build(str(tmp_path_factory.mktemp("gemm_bf16_emu")), probe.LEVELS[0], variant=request.param)
+    yield lib
+    lib.force(0)
+
+
+def test_emulated_amx_is_available_and_forced(emulated):
+    # the emulation build says AMX is there (no cpuid AMX bits, no arch_prctl
+    # needed) and takes it by default
+    assert emulated.available(probe.AMX)
+    assert emulated.force(probe.AMX) == probe.AMX
+    assert emulated.so.probe_path() == probe.AMX
+    assert emulated.force(probe.PORTABLE) == probe.PORTABLE
+    assert emulated.force(0) == probe.AMX
+
+
+def test_emulated_tdpbf16ps_follows_the_documented_semantics(emulated):
+    # one instruction on tiles of shapes 1x1x1 .. 16x16x16 with padded strides:
+    # bit for bit the build's documented order, DAZ, FTZ, nothing read or
+    # written past rows x colsb
+    probe.check_emulated_dp(emulated)
+
+
+def test_emulator_faults_where_the_hardware_would(emulated):
+    # no config, after release, unconfigured tile, tmm8, shapes that do not
+    # fit (m, k, n), one tile twice, bad configs (rows, colsb, reserved bytes,
+    # palette), colsb not a multiple of 4, start_row: each counted as a fault
+    probe.check_emulator_faults(emulated)
+
+
+def test_emulated_amx_products(emulated):
+    # the products of test_products_match_float64_and_the_contract_order on
+    # the AMX path: float64 bound, bit for bit the emulated order, and the
+    # count of each tile instruction (Kp in steps of 32, one config and
+    # release per 32 x 32 of C); every call releases the tiles and faults nothing
+    assert probe.check_path(emulated, probe.AMX) > 100
+
+
+def test_emulated_amx_tile_shapes(emulated):
+    # M and N below, at and above one tile (16) and one step (32), K off and on
+    # multiples of 32, M past one MC block of A, NN/NT/TN/TT, alpha/beta (beta
+    # == 0 with NaN in C), pre-packed B and padded strides
+    assert probe.check_tile_shapes(emulated, probe.AMX) == 4 * len(probe.TILE_SIZES)
+
+
+def test_emulated_amx_edge_cases(emulated):
+    probe.check_edges(emulated, probe.AMX)
+
+
+@pytest.mark.parametrize("other", [probe.PORTABLE, probe.AVX512BF16], ids=lambda p: probe.PATH_NAMES[p])
+def test_emulated_amx_agrees_with_the_other_paths(emulated, other):
+    # within float32 summation error, not bit for bit (the contract says so)
+    runs(emulated, other)
+    frac = probe.check_amx_agrees(emulated, [other])
+    assert frac[other] > 0.1  # the orders do differ: AMX really ran its own
+
+
+def test_emulated_build_keeps_the_other_paths_bit_identical(emulated):
+    runs(emulated, probe.AVX512BF16)
+    probe.check_same_bits(emulated, [probe.PORTABLE, probe.AVX512BF16])
+
+
+@pytest.mark.parametrize("b_packed", [False, True])
+def test_emulated_amx_stays_inside_the_scratch_it_asked_for(emulated, b_packed):
+    emulated.force(probe.AMX)
+    try:
+        rng = np.random.default_rng(2)
+        # M past one MC block (288 rows at K = 768), M and K off 32, tiny
+        for ta, tb, M, N, K in [(0, 1, 97, 70, 3072), (1, 0, 400, 33, 65), (0, 0, 5, 3, 1),
+                                (0, 1, 300, 40, 768), (1, 1, 31, 33, 33)]:
+            A, B = probe.operands(rng, ta, tb, M, N, K)
+            size = emulated.so.probe_scratch_size(M, N, K, int(b_packed))
+            buf = np.full(size + 4096, 0xA5, np.uint8)  # the scratch, then a guard
+            C = np.zeros((M, N), np.float32)
+            ptr = buf.ctypes.data + 1  # unaligned on purpose: the header aligns inside
+            emulated.so.probe_emu_reset()
+            if b_packed:
+                Bp = emulated.pack_b(B, tb, N, K)
+                emulated.so.probe_gemm_packed(ta, M, N, K, 1.0, A.ctypes.data_as(probe.F32P), A.shape[1],
+                                              Bp.ctypes.data_as(probe.U16P), 0.0,
+                                              C.ctypes.data_as(probe.F32P), N, ptr)
+            else:
+                emulated.so.probe_gemm(ta, tb, M, N, K, 1.0, A.ctypes.data_as(probe.F32P), A.shape[1],
+                                       B.ctypes.data_as(probe.F32P), B.shape[1], 0.0,
+                                       C.ctypes.data_as(probe.F32P), N, ptr)
+            emulated.emu_check()
+            assert emulated.emu_count(probe.EMU_TDPBF16PS) > 0
+            assert (buf[size + 1:] == 0xA5).all(), f"wrote past the scratch for {(ta, tb, M, N, K)}"
+            ref, tol = probe.reference_f64(ta, tb, M, N, K, 1.0, A, B, 0.0, None)
+            assert (np.abs(C - ref) <= tol).all()
+    finally:
+        emulated.force(0)
