@@ -27,7 +27,8 @@
  * Not tested: real hardware at all, so neither its speed, nor its internal
  * summation order of tdpbf16ps (the SDM and the Intrinsics Guide document two
  * different ones; the tests run both and hold the results only to a bound),
- * nor the real instructions as gcc emits them, nor the CPU/OS check: the
+ * nor the real instructions as gcc emits them (their asm constraints are
+ * not the emulator's: see the config below), nor the CPU/OS check: the
  * emulation build reports AMX available without cpuid's AMX bits or
  * arch_prctl(ARCH_REQ_XCOMP_PERM), so the grant on a real Linux kernel has
  * never run.
@@ -70,6 +71,14 @@ static void gemm_bf16_tile_amx(int Kp, const uint16_t* a, const uint16_t* b,
         cfg.rows[t] = 16;
         cfg.colsb[t] = 64;
     }
+    /* gcc's _tile_loadconfig (gcc 12's amxtileintrin.h) tells the compiler
+     * that ldtilecfg reads 8 bytes at &cfg (an "m" operand of type void*),
+     * so the stores of colsb and rows (bytes 16-63) may be dropped as dead:
+     * gcc 12 -O2 drops them in a function that only configures and zeroes a
+     * tile. Here they survived (tilestored's "memory" clobber keeps them),
+     * by luck of the code around; this empty asm reads all 64 bytes, so
+     * they are stored before ldtilecfg whatever the compiler. */
+    __asm__ volatile("" : : "m"(cfg));
     _tile_loadconfig(&cfg);
     _tile_zero(0);
     _tile_zero(1);
