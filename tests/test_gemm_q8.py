@@ -154,8 +154,10 @@ def test_scales_are_rounded_to_fp16():
 # the product
 # ---------------------------------------------------------------------------
 
+# One row walks the panels in 4 runs (gemm_q8_row_panels_vnni): N = 123 has 8
+# panels, 2 per run, the last partial; 141 has 9, one left over, partial.
 SIZES = [(1, 1, 1), (1, 31, 15), (2, 33, 17), (7, 65, 33), (5, 100, 50), (13, 64, 16),
-         (1, 768, 100), (19, 300, 45)]
+         (1, 768, 100), (19, 300, 45), (1, 100, 123), (1, 64, 141), (1, 33, 64)]
 
 
 @pytest.mark.parametrize("name", PATHS)

@@ -101,7 +101,8 @@ enum {
 #define GEMM_Q8_BLOCK_Q (GEMM_Q8_QK * GEMM_Q8_NR)           /* 512 quant bytes per panel block */
 #define GEMM_Q8_PAIR_BYTES (2 * GEMM_Q8_BLOCK_Q + 4 * GEMM_Q8_NR) /* 1088: two blocks + scales */
 #define GEMM_Q8_MR 6           /* rows of a prompt tile: 6 x 2 panels, 24 accumulators */
-#define GEMM_Q8_P1 4           /* panels at once for one row (decode) */
+#define GEMM_Q8_NP 2           /* panels of a prompt tile */
+#define GEMM_Q8_RUNS 4         /* streams of panels for one row (decode): gemm_q8_row_panels_vnni */
 /* Quantized rows of one chunk, reused by every panel pair: to stay in L2
  * (1 MB per core on Zen 4) beside the weights. */
 #define GEMM_Q8_ACT_BUDGET (256 * 1024)
