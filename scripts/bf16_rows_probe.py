@@ -87,7 +87,9 @@ def build(outdir, level=None, cc=None, defines=()):
 # Checks (each raises AssertionError with what differs)
 # ---------------------------------------------------------------------------
 
-NS = [1, 31, 33, 50, 100]
+# 256 and 291: enough whole panels of 32 for the runs of one row (4 runs of
+# 2, then for 291 one whole panel and a partial one left over) and of more rows
+NS = [1, 31, 33, 50, 100, 256, 291]
 KS = [1, 7, 33, 100, 768]
 
 

@@ -79,7 +79,7 @@ GEMM_BF16_API void gemm_bf16_rows_pack_a(uint32_t* ap, int M, int K, const float
 GEMM_BF16_AVX512_TARGET
 static inline __attribute__((always_inline)) void gemm_bf16_rows_block_avx512(
     const int MR, const int G, int npairs, const uint32_t* a, const uint32_t* b,
-    ptrdiff_t pstride, int ncols, float alpha, float beta, float* C, ptrdiff_t ldc)
+    ptrdiff_t pstride, ptrdiff_t cstride, int ncols, float alpha, float beta, float* C, ptrdiff_t ldc)
 {
     __m512 acc[GEMM_BF16_ROWS_MAX][8][2];  /* [MR][G]: fixed bounds, so no VLA */
 #pragma GCC unroll 8
@@ -118,7 +118,7 @@ static inline __attribute__((always_inline)) void gemm_bf16_rows_block_avx512(
         __mmask16 m1 = n >= 32 ? (__mmask16)0xffff : n <= 16 ? (__mmask16)0 : (__mmask16)((1u << (n - 16)) - 1);
 #pragma GCC unroll 8
         for (int r = 0; r < MR; r++) {
-            float* c = C + (ptrdiff_t)r * ldc + g * GEMM_BF16_NR;
+            float* c = C + (ptrdiff_t)r * ldc + g * cstride;
             if (beta == 0.0f) {
                 _mm512_mask_storeu_ps(c, m0, _mm512_mul_ps(va, acc[r][g][0]));
                 _mm512_mask_storeu_ps(c + 16, m1, _mm512_mul_ps(va, acc[r][g][1]));
@@ -132,24 +132,30 @@ static inline __attribute__((always_inline)) void gemm_bf16_rows_block_avx512(
     }
 }
 
-/* Panels walked at once for MR rows: about 16-24 zmm of sums (of 32), the
- * rest for B and the broadcast. */
+/* Panels walked at once for MR rows, each from its own run of panels: for 2
+ * rows and more, about 16-24 zmm of sums (of 32), the rest for B and the
+ * broadcast. One row (a decode step) is bound by reading B, and there the
+ * number of streams is what counts: on Zen 4, one thread, weights from
+ * memory (GPT-2's shapes, the variants interleaved in one process, medians
+ * of 41 calls), 4 runs read 26-30 GB/s where 8 neighbouring panels (8
+ * streams of 48-192 KB, then a jump) read 20-26; 1, 2 and 8 runs were
+ * slower on most shapes. */
 static inline int gemm_bf16_rows_group(int mr)
 {
-    static const int group[GEMM_BF16_ROWS_MAX + 1] = {0, 8, 6, 4, 3, 2, 2, 1, 1};
+    static const int group[GEMM_BF16_ROWS_MAX + 1] = {0, 4, 6, 4, 3, 2, 2, 1, 1};
     return group[mr];
 }
 
 #define GEMM_BF16_ROWS_CASE(mr, g)                                                      \
     case (mr) * 16 + (g):                                                               \
-        gemm_bf16_rows_block_avx512(mr, g, npairs, a, b, pstride, ncols, alpha, beta, C, ldc); \
+        gemm_bf16_rows_block_avx512(mr, g, npairs, a, b, pstride, cstride, ncols, alpha, beta, C, ldc); \
         break;
 
 /* One block of mr <= GEMM_BF16_ROWS_MAX rows x g <= gemm_bf16_rows_group(mr) panels. */
 GEMM_BF16_AVX512_TARGET
 static void gemm_bf16_rows_avx512(int mr, int g, int npairs, const uint32_t* a, const uint32_t* b,
-                                  ptrdiff_t pstride, int ncols, float alpha, float beta,
-                                  float* C, ptrdiff_t ldc)
+                                  ptrdiff_t pstride, ptrdiff_t cstride, int ncols, float alpha,
+                                  float beta, float* C, ptrdiff_t ldc)
 {
     switch (mr * 16 + g) {
         GEMM_BF16_ROWS_CASE(1, 1) GEMM_BF16_ROWS_CASE(1, 2) GEMM_BF16_ROWS_CASE(1, 3)
@@ -240,12 +246,23 @@ GEMM_BF16_API void gemm_bf16_rows_packed(int M, int N, int K, float alpha, const
         float* c = C + (ptrdiff_t)i0 * ldc;
 #if defined(__x86_64__)
         if (path != GEMM_BF16_PORTABLE) {
+            /* G runs of consecutive whole panels, the next panel of every run
+             * at each step: panels lie end to end, so each run is one long
+             * sequential stream (see gemm_bf16_rows_group); then the panels
+             * left over, G neighbours at a time. */
             int group = gemm_bf16_rows_group(mr);
-            for (int j0 = 0; j0 < N; j0 += group * GEMM_BF16_NR) {
+            int len = N / GEMM_BF16_NR / group, j0;
+            for (int j = 0; j < len; j++)
+                gemm_bf16_rows_avx512(mr, group, npairs, a,
+                                      (const uint32_t*)(Bp + (size_t)j * GEMM_BF16_NR * Kp),
+                                      pstride * len, (ptrdiff_t)len * GEMM_BF16_NR,
+                                      group * GEMM_BF16_NR, alpha, beta,
+                                      c + (ptrdiff_t)j * GEMM_BF16_NR, ldc);
+            for (j0 = len * group * GEMM_BF16_NR; j0 < N; j0 += group * GEMM_BF16_NR) {
                 int ncols = N - j0 < group * GEMM_BF16_NR ? N - j0 : group * GEMM_BF16_NR;
                 int g = (ncols + GEMM_BF16_NR - 1) / GEMM_BF16_NR;
                 gemm_bf16_rows_avx512(mr, g, npairs, a, (const uint32_t*)(Bp + (size_t)j0 * Kp),
-                                      pstride, ncols, alpha, beta, c + j0, ldc);
+                                      pstride, GEMM_BF16_NR, ncols, alpha, beta, c + j0, ldc);
             }
             continue;
         }
