@@ -7,6 +7,10 @@ from posix.mman cimport (mmap, munmap, madvise, PROT_READ, PROT_WRITE, MAP_PRIVA
                          MAP_ANONYMOUS, MAP_FAILED, MADV_DONTNEED)
 
 
+cdef extern from "sys/mman.h":
+    int MADV_HUGEPAGE
+
+
 cdef extern from "stdlib.h":
     int posix_memalign(void **memptr, size_t alignment, size_t size) nogil
 
@@ -98,6 +102,16 @@ cdef class Buffer:
         if madvise(<void*>lo, hi - lo, MADV_DONTNEED) != 0:
             return 0
         return <Py_ssize_t>(hi - lo)
+
+    cdef void prefer_huge_pages(self) noexcept:
+        # Ask for 2 MB pages (transparent huge pages; a hint, ignored where the
+        # kernel has them off) before the Buffer is first written. For weights
+        # that every decode step streams end to end: 512 times fewer pages to
+        # walk. Measured on Zen 4 (GPT-2 124M shape, int8 decode, one thread,
+        # alternated runs): 154-162 tok/s with them, 134-153 without; fp32
+        # and bf16 within the noise. Training buffers are left as they are.
+        if self.mapped:
+            madvise(<void*>self.data, self.mapped, MADV_HUGEPAGE)
 
     def address(self):
         """The address of the first element (tests check the alignment)."""

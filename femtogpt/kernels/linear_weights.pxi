@@ -140,6 +140,8 @@ cdef class LinearWeights:
             total += L * linear_bytes(kind, N, K)
         total += linear_bytes(kind, V, C)
         self.mem = Buffer((total + 3) // 4) if kind != LINEAR_FP32 else None
+        if self.mem is not None:
+            self.mem.prefer_huge_pages()
         base = <char*>self.mem.data if self.mem is not None else NULL
         for which, (key, N, K) in enumerate(shapes):
             with nogil:
