@@ -23,6 +23,13 @@ The goal it checks (the issue's): batch 1, threads 1 and 2, at the same type
              timed by generate's callback (prompt = up to the first token,
              decode = the rest) and its rows are marked.
 
+  ceiling    batch-1 decoding reads every weight once per token, so tg cannot pass
+             the machine's memory read bandwidth / the bytes a step reads. Each
+             round measures that bandwidth at each thread count
+             (memory_bandwidth.py: a 1 GiB buffer summed by T threads) and the
+             report turns it into a ceiling in tokens/s, the share of it each
+             program reaches, and the highest ratio the ceiling leaves.
+
 The two peers alternate (femtogpt, llama.cpp, femtogpt, ...) round by round, so
 that the machine's noise falls on both; each figure is the median of every
 repetition of every round, with its min and max, and the ratio is femtogpt's
@@ -47,6 +54,9 @@ TYPES = {"f32": "fp32", "bf16": "bf16", "q8_0": "int8"}
 PROMPT, DECODE, QUICK_DECODE = 256, 128, 32
 REPS, QUICK_REPS, ROUNDS = 3, 2, 3
 GOALS = {"pp": 1.0, "tg": 1.2}      # femtogpt / llama.cpp tokens/s, at least
+# Bytes per weight of the linear layers, as both programs hold them: f32, bf16,
+# and q8_0 / femtogpt's int8 (blocks of 32 int8 with one fp16 scale: 34 / 32).
+BYTES_PER_WEIGHT = {"f32": 4.0, "bf16": 2.0, "q8_0": 34 / 32}
 BUILD_HINT = ("build one from a llama.cpp checkout with\n"
               "  cmake -B build -DLLAMA_BUILD_TESTS=OFF && "
               "cmake --build build --target llama-bench llama-simple\n"
@@ -219,6 +229,59 @@ def worker_llama_femtogpt(spec):
             "peak_rss_mb": peak_rss_mb()}
 
 
+# --------------------------------------------------------------------------- the ceiling
+
+
+def streamed_bytes(shape, gguf_type):
+    """Bytes of weights one decode step reads: each block's four matrices
+    (12 C^2) and the V x C lm_head, once, at the type. Left out: the embedding
+    rows and LayerNorms (a few KB a step), the biases, and the KV cache (at
+    GPT-2's shape 1.2 MB of fp32 per 16 positions), which both programs read too."""
+    C, L, V = shape["n_embd"], shape["n_layer"], shape["vocab_size"]
+    return (12 * C * C * L + V * C) * BYTES_PER_WEIGHT[gguf_type]
+
+
+def measure_bandwidth(threads, reader):
+    """memory_bandwidth.read_bandwidth at this thread count, or {"error": why}."""
+    if isinstance(reader, str):
+        return {"error": reader}
+    from memory_bandwidth import read_bandwidth
+    return read_bandwidth(threads, mib=1024, reps=5, reader=reader)
+
+
+def bandwidth_reader():
+    """The compiled reader, or why there is none (no C compiler)."""
+    try:
+        from memory_bandwidth import Reader
+        return Reader()
+    except (RuntimeError, OSError, subprocess.CalledProcessError) as err:
+        return f"memory bandwidth not measured: {err}"
+
+
+def ceiling_rows(res):
+    """Per (type, threads): the decode ceiling and each program's share of it."""
+    rows = []
+    for r in res["rows"]:
+        if not r["test"].startswith("tg"):
+            continue
+        bw = [b["gb_s"] for b in res["bandwidth"].get(str(r["threads"]), []) if "gb_s" in b]
+        nbytes = streamed_bytes(res["shape"], r["type"])
+        gb_s = statistics.median(bw) if bw else None
+        ceiling = gb_s * 1e9 / nbytes if gb_s else None
+        f = r["femtogpt"]["median"] if r["femtogpt"] else None
+        ll = r["llama_cpp"]["median"] if r["llama_cpp"] else None
+        rows.append({
+            "type": r["type"], "femtogpt_dtype": r["femtogpt_dtype"], "threads": r["threads"],
+            "streamed_mb": nbytes / 1e6, "read_gb_s": gb_s, "read_gb_s_rounds": bw,
+            "ceiling_ts": ceiling,
+            "femtogpt_gb_s": f * nbytes / 1e9 if f else None,
+            "llama_gb_s": ll * nbytes / 1e9 if ll else None,
+            "femtogpt_of_ceiling": f / ceiling if f and ceiling else None,
+            "llama_of_ceiling": ll / ceiling if ll and ceiling else None,
+            "most_ratio": ceiling / ll if ll and ceiling else None})
+    return rows
+
+
 # --------------------------------------------------------------------------- the run
 
 
@@ -363,6 +426,24 @@ def build_table(res):
         lines.append(f"| {r['femtogpt_dtype']} ↔ {r['type']} | {r['threads']} | "
                      f"{mb(r['femtogpt_peak_rss_mb'])} | {mb(r['femtogpt_weights_bytes'], 1e6)} | "
                      f"{mb(r['llama_peak_rss_mb'])} | {mb(r['llama_model_size'], 1e6)} |")
+    if res.get("ceiling"):
+        pct = lambda x: "—" if x is None else f"{100 * x:.0f}%"       # noqa: E731
+        num = lambda x, f="{:,.1f}": "—" if x is None else f.format(x)   # noqa: E731
+        lines += ["", "Decode against the memory's ceiling (tokens/s cannot pass read "
+                  "bandwidth ÷ bytes of weights per token):", "",
+                  "| type | threads | weights read per token (MB) | memory read (GB/s) | "
+                  "ceiling (tok/s) | femtogpt: GB/s, share of ceiling | llama.cpp: GB/s, "
+                  "share | most femtogpt ÷ llama.cpp can reach |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for c in res["ceiling"]:
+            lines.append(
+                f"| {c['femtogpt_dtype']} ↔ {c['type']} | {c['threads']} | "
+                f"{c['streamed_mb']:,.0f} | {num(c['read_gb_s'])} | {num(c['ceiling_ts'])} | "
+                f"{num(c['femtogpt_gb_s'])}, {pct(c['femtogpt_of_ceiling'])} | "
+                f"{num(c['llama_gb_s'])}, {pct(c['llama_of_ceiling'])} | "
+                f"{num(c['most_ratio'], '{:.2f}×')} |")
+        errors = sorted({b["error"] for v in res["bandwidth"].values() for b in v if "error" in b})
+        lines += errors
     lines += [
         "",
         f"Tokens/s: median (min–max) over {res['rounds']} round(s) × {res['reps']} "
@@ -419,8 +500,14 @@ def measure_vs_llama(argv, run_worker):
         runs = {f"{t}/t{th}": {"femtogpt": [], "llama.cpp": []}
                 for t in args.types for th in args.threads}
         unsupported = set()
+        reader = bandwidth_reader()
+        res["bandwidth"] = {str(th): [] for th in args.threads}
         for r in range(args.rounds):
             for th in args.threads:
+                bw = measure_bandwidth(th, reader)
+                res["bandwidth"][str(th)].append(bw)
+                log(f"memory read, {th} thread(s): " + (f"{bw['gb_s']:.1f} GB/s" if "gb_s" in bw
+                                                         else bw["error"]))
                 for t in args.types:
                     key, d = f"{t}/t{th}", TYPES[t]
                     if d not in unsupported:
@@ -446,6 +533,7 @@ def measure_vs_llama(argv, run_worker):
             temp.cleanup()
     res["runs"] = runs
     res["rows"] = summarise(runs, args)
+    res["ceiling"] = ceiling_rows(res)
     built = next((r["model"] for v in runs.values() for r in v["llama.cpp"] if "model" in r), {})
     res["llama_cpp"].update(build_commit=built.get("build_commit"),
                             build_number=built.get("build_number"),

@@ -289,3 +289,50 @@ def test_report_marks_callback_timing_and_missing_dtypes():
     assert "| int8 ↔ q8_0 | 2 | tg32 | not in this femtogpt |" in table
     assert "| fp32 ↔ f32 | 2 | pp256 | — | — | — | — |" in table
     assert "commit c392e50" in table and "AMD EPYC" in table
+
+
+def test_the_ceiling_is_read_bandwidth_over_the_bytes_a_step_reads():
+    # GPT-2 124M: 12 C^2 per block x 12 blocks + the 50,257 x 768 lm_head =
+    # 123,532,032 weights; 4 bytes at f32, 2 at bf16, 34/32 at q8_0
+    shape = folder_mod.GPT2_124M
+    assert bench_llama.streamed_bytes(shape, "f32") == 4 * 123_532_032
+    assert bench_llama.streamed_bytes(shape, "bf16") == 2 * 123_532_032
+    assert bench_llama.streamed_bytes(shape, "q8_0") == pytest.approx(123_532_032 * 34 / 32)
+    tg = lambda t, th, f, ll: {"type": t, "femtogpt_dtype": bench_llama.TYPES[t],  # noqa: E731
+                               "threads": th, "test": "tg128", "femtogpt": {"median": f},
+                               "llama_cpp": {"median": ll}}
+    res = {"shape": shape, "rows": [
+        {"test": "pp256", "type": "q8_0", "threads": 1}, tg("q8_0", 1, 150.0, 120.0),
+        tg("bf16", 2, 110.0, None)],
+        "bandwidth": {"1": [{"gb_s": 26.0}, {"gb_s": 30.0}, {"gb_s": 28.0}],
+                      "2": [{"error": "memory bandwidth not measured: no C compiler"}]}}
+    rows = bench_llama.ceiling_rows(res)
+    assert [(r["type"], r["threads"]) for r in rows] == [("q8_0", 1), ("bf16", 2)]
+    q8 = rows[0]
+    nbytes = 123_532_032 * 34 / 32
+    assert q8["read_gb_s"] == 28.0                       # the rounds' median
+    assert q8["ceiling_ts"] == pytest.approx(28e9 / nbytes)
+    assert q8["femtogpt_gb_s"] == pytest.approx(150 * nbytes / 1e9)
+    assert q8["femtogpt_of_ceiling"] == pytest.approx(150 / (28e9 / nbytes))
+    assert q8["most_ratio"] == pytest.approx(28e9 / nbytes / 120)
+    assert rows[1]["ceiling_ts"] is None and rows[1]["most_ratio"] is None
+
+
+def test_the_memory_reader_sums_what_it_reads(tmp_path):
+    # the C reader must read every element (else its GB/s would be a fiction):
+    # its sum of a buffer of ones is the element count it claims to have read
+    import ctypes
+    memory_bandwidth = pytest.importorskip("memory_bandwidth")
+    try:
+        reader = memory_bandwidth.Reader()
+    except (RuntimeError, OSError) as err:
+        pytest.skip(f"no C compiler: {err}")
+    for threads in (1, 2, 3):
+        n = 64 * threads * 1000
+        buf = np.zeros(n, np.float32)
+        ptr = buf.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        reader.so.touch_all(ptr, n, threads)
+        assert (buf == 1).all()
+        assert reader.so.read_all(ptr, n, threads) == n
+    r = memory_bandwidth.read_bandwidth(2, mib=8, reps=3, reader=reader)
+    assert r["threads"] == 2 and r["min"] <= r["gb_s"] <= r["max"] and r["gb_s"] > 0
