@@ -241,21 +241,18 @@ def streamed_bytes(shape, gguf_type):
     return (12 * C * C * L + V * C) * BYTES_PER_WEIGHT[gguf_type]
 
 
-def measure_bandwidth(threads, reader):
-    """memory_bandwidth.read_bandwidth at this thread count, or {"error": why}."""
-    if isinstance(reader, str):
-        return {"error": reader}
-    from memory_bandwidth import read_bandwidth
-    return read_bandwidth(threads, mib=1024, reps=5, reader=reader)
-
-
-def bandwidth_reader():
-    """The compiled reader, or why there is none (no C compiler)."""
-    try:
-        from memory_bandwidth import Reader
-        return Reader()
-    except (RuntimeError, OSError, subprocess.CalledProcessError) as err:
-        return f"memory bandwidth not measured: {err}"
+def measure_bandwidth(threads):
+    """memory_bandwidth.py's read_bandwidth at this thread count, in its own
+    process (its 1 GiB buffer must not raise this process's peak RSS, which
+    the workers and llama-bench inherit until they exec), or {"error": why}."""
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "memory_bandwidth.py")
+    proc = subprocess.run([sys.executable, script, "--threads", str(threads), "--mib", "1024",
+                           "--reps", "5", "--json"], capture_output=True, text=True,
+                          env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
+    if proc.returncode != 0:
+        why = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
+        return {"error": f"memory bandwidth not measured: {why}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])[0]
 
 
 def ceiling_rows(res):
@@ -500,11 +497,10 @@ def measure_vs_llama(argv, run_worker):
         runs = {f"{t}/t{th}": {"femtogpt": [], "llama.cpp": []}
                 for t in args.types for th in args.threads}
         unsupported = set()
-        reader = bandwidth_reader()
         res["bandwidth"] = {str(th): [] for th in args.threads}
         for r in range(args.rounds):
             for th in args.threads:
-                bw = measure_bandwidth(th, reader)
+                bw = measure_bandwidth(th)
                 res["bandwidth"][str(th)].append(bw)
                 log(f"memory read, {th} thread(s): " + (f"{bw['gb_s']:.1f} GB/s" if "gb_s" in bw
                                                          else bw["error"]))

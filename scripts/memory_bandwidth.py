@@ -19,6 +19,7 @@ probes are), in a temporary folder.
 """
 import argparse
 import ctypes
+import json
 import os
 import statistics
 import subprocess
@@ -126,8 +127,14 @@ def main(argv=None):
     ap.add_argument("--threads", default="1,2", help="thread counts (default 1,2)")
     ap.add_argument("--mib", type=int, default=1024, help="buffer size in MiB (default 1024)")
     ap.add_argument("--reps", type=int, default=7, help="timed passes (default 7)")
+    ap.add_argument("--json", action="store_true",
+                    help="print one JSON list of read_bandwidth's dicts instead")
     args = ap.parse_args(argv)
     reader = Reader()
+    if args.json:
+        print(json.dumps([read_bandwidth(int(t), args.mib, args.reps, reader)
+                          for t in args.threads.split(",")]))
+        return
     print(f"memory read bandwidth, {cpu_name()}, {args.mib} MiB buffer, median of {args.reps}")
     for t in (int(x) for x in args.threads.split(",")):
         r = read_bandwidth(t, args.mib, args.reps, reader)
