@@ -2,21 +2,24 @@
 
     python scripts/serve_speed_probe.py MODEL [--dtype int8] [--tokens 200] [--rounds 5]
 
-Serves MODEL (a run folder, checkpoint or Hugging Face GPT-2 folder) with
-`femtogpt serve --dtype D`'s server in this process, asks it for a greedy
-sample over HTTP as the page does (POST /api/runs/0/sample, server-sent
-events), and times the stream from its first piece of text to its end.
-Beside it, alternated, the same sample from the CLI's code path
-(stream_sample into a sink) on a model loaded at the same dtype. Prints both
-medians in tokens/s and their ratio, with the CPU named.
+Starts `femtogpt serve --out MODEL --dtype D` (a run folder, checkpoint or
+Hugging Face GPT-2 folder) as its own process, asks it for a greedy sample
+over HTTP as the page does (POST /api/runs/0/sample, server-sent events),
+and times the stream from its first piece of text to its end. Beside it,
+alternated, `femtogpt sample --out MODEL --dtype D --stats` as its own
+process, the same prompt and length, whose decode rate --stats prints. Each
+program is what a user runs: nothing shares a process with the probe (an
+OpenMP pool of another thread in the server's process is what made it slow
+before, see app/serve.py's in_a_thread_of_its_own). Prints both medians in
+tokens/s and their ratio, with the CPU named.
 """
 import argparse
 import http.client
-import io
 import json
+import re
 import statistics
+import subprocess
 import sys
-import threading
 import time
 
 import numpy as np
@@ -45,23 +48,28 @@ def serve_rate(port, prompt, tokens):
     return (tokens - 1) / (end - first)
 
 
-class _Sink(io.StringIO):
-    def __init__(self):
-        super().__init__()
-        self.first = None
+def start_server(model, dtype, threads):
+    """(process, port) of `femtogpt serve` on a free port, once it listens."""
+    cmd = [sys.executable, "-m", "femtogpt", "serve", "--out", model, "--dtype", dtype,
+           "--port", "0"] + (["--threads", str(threads)] if threads else [])
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:
+        found = re.search(r"http://[^:]+:(\d+)", line)
+        if found:
+            return proc, int(found.group(1))
+    proc.wait()
+    sys.exit(f"femtogpt serve did not start (exit {proc.returncode})")
 
-    def write(self, text):
-        if self.first is None and self.tell() > 0:
-            self.first = time.perf_counter()
-        return super().write(text)
 
-
-def cli_rate(model, tokenizer, prompt, tokens):
-    from femtogpt.app.sample import stream_sample
-    sink = _Sink()
-    stream_sample(model, tokenizer, prompt, tokens, temperature=0, top_k=None, seed=1,
-                  out=sink, end="")
-    return (tokens - 1) / (time.perf_counter() - sink.first)
+def cli_rate(model, dtype, prompt, tokens, threads):
+    cmd = [sys.executable, "-m", "femtogpt", "sample", "--out", model, "--dtype", dtype,
+           "--stats", "--prompt", prompt, "--max-new-tokens", str(tokens), "--temperature", "0",
+           "--seed", "1"] + (["--threads", str(threads)] if threads else [])
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    found = re.search(r"decode: (\d+) tokens in ([\d.]+) s", proc.stderr)
+    if proc.returncode != 0 or not found:
+        sys.exit(f"femtogpt sample failed (exit {proc.returncode}): {proc.stderr[-500:]}")
+    return int(found.group(1)) / float(found.group(2))
 
 
 def main():
@@ -71,25 +79,25 @@ def main():
     ap.add_argument("--tokens", type=int, default=200)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--prompt", default="The")
+    ap.add_argument("--threads", type=int, default=0, help="both programs' --threads (0: default)")
     args = ap.parse_args()
     import femtogpt
-    from femtogpt.app.serve import make_server
-    server = make_server([args.model], port=0, dtype=args.dtype)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    port = server.server_address[1]
-    model, tokenizer = femtogpt.load(args.model, dtype=args.dtype)
-    served, cli = [], []
-    serve_rate(port, args.prompt, 8)                 # the server loads its model
-    for _ in range(args.rounds):
-        served.append(serve_rate(port, args.prompt, args.tokens))
-        cli.append(cli_rate(model, tokenizer, args.prompt, args.tokens))
-    server.stopping.set()
-    server.shutdown()
+    server, port = start_server(args.model, args.dtype, args.threads)
+    try:
+        serve_rate(port, args.prompt, 8)                 # warm: the first request
+        served, cli = [], []
+        for _ in range(args.rounds):
+            served.append(serve_rate(port, args.prompt, args.tokens))
+            cli.append(cli_rate(args.model, args.dtype, args.prompt, args.tokens, args.threads))
+    finally:
+        server.terminate()
+        server.wait()
     s, c = statistics.median(served), statistics.median(cli)
-    print(f"{cpu_name()}, {femtogpt.get_num_threads()} threads, dtype {args.dtype}, "
+    threads = args.threads or femtogpt.get_num_threads()
+    print(f"{cpu_name()}, {threads} threads, dtype {args.dtype}, "
           f"{args.tokens} greedy tokens, {args.rounds} alternated rounds:")
     print(f"  playground (HTTP stream) {s:,.1f} tok/s (min {min(served):,.1f}, max "
-          f"{max(served):,.1f}); CLI code path {c:,.1f} tok/s (min {min(cli):,.1f}, max "
+          f"{max(served):,.1f}); femtogpt sample {c:,.1f} tok/s (min {min(cli):,.1f}, max "
           f"{max(cli):,.1f}); playground / CLI {s / c:.2f}")
     return 0
 

@@ -401,3 +401,45 @@ def test_a_hugging_face_folder_is_served(tmp_path):
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+# --------------------------------------------------------------------------- threads
+
+
+def test_models_are_loaded_in_a_thread_that_ends(run_dir, monkeypatch):
+    # An OpenMP pool lives as long as the thread that made it: a model loaded
+    # (converted in parallel) by the main thread would leave an idle pool that
+    # slows every handler's team. make_server loads in a thread of its own.
+    from femtogpt.app import serve_runs
+    seen = []
+    real = serve_runs.Source.peek
+    monkeypatch.setattr(serve_runs.Source, "peek",
+                        lambda self: seen.append(threading.current_thread()) or real(self))
+    srv = make_server([run_dir], port=0)
+    srv.server_close()
+    assert len(seen) == 1
+    assert seen[0] is not threading.main_thread() and not seen[0].is_alive()
+
+
+def test_in_a_thread_of_its_own_returns_and_raises_there():
+    from femtogpt.app.serve import in_a_thread_of_its_own
+    assert in_a_thread_of_its_own(lambda: threading.get_ident()) != threading.get_ident()
+    with pytest.raises(KeyError, match="missing"):
+        in_a_thread_of_its_own(lambda: {}["missing"])
+
+
+def test_serve_threads_reach_the_handlers_threads(run_dir):
+    # OpenMP's thread count is per thread: serve --threads must be set where the
+    # model runs (a handler's thread), not only in the main thread.
+    srv = make_server([run_dir], port=0, threads=1)
+    seen = []
+    try:
+        def handler():
+            with srv.sources[0].use():
+                seen.append(femtogpt.get_num_threads())
+        thread = threading.Thread(target=handler)
+        thread.start()
+        thread.join()
+    finally:
+        srv.server_close()
+    assert seen == [1]

@@ -41,17 +41,18 @@ __all__ = ["BadRequest", "Busy", "Forbidden", "Handler", "MAX_BODY_BYTES", "MAX_
            "serve_command"]
 
 
-def make_server(paths, host="127.0.0.1", port=8000, verbose=False, dtype="fp32"):
+def make_server(paths, host="127.0.0.1", port=8000, verbose=False, dtype="fp32", threads=0):
     """A Server for the given run folders, checkpoint files or model folders
-    (each checked to hold a model now), bound but not yet serving."""
+    (each checked to hold a model now), bound but not yet serving. threads:
+    OpenMP threads for the models (0: OMP_NUM_THREADS, else all cores)."""
     from ..errors import ConfigError
     sources = []
     for i, path in enumerate(paths):
-        source = Source(i, path, dtype)
+        source = Source(i, path, dtype, threads)
         if not os.path.exists(path):
             raise ConfigError(f"nothing to serve at {path}: it does not exist")
         try:
-            source.peek()
+            in_a_thread_of_its_own(source.peek)
         except FemtoGPTError as err:
             raise ConfigError(f"cannot serve {path}: {err}") from None
         sources.append(source)
@@ -61,13 +62,41 @@ def make_server(paths, host="127.0.0.1", port=8000, verbose=False, dtype="fp32")
         raise ConfigError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
 
 
+def in_a_thread_of_its_own(fn):
+    """fn() in a new thread, which ends with it; its result, or its exception.
+
+    Why: an OpenMP thread pool belongs to the thread that first runs a parallel
+    region, and lives as long as that thread. Models run in the handlers'
+    threads; had the main thread loaded them (a bf16/int8 conversion runs in
+    parallel), its pool's idle worker would stay for the process's life, and
+    with more OpenMP threads than cores libgomp stops spinning at barriers in
+    every other team: the playground streamed at half `femtogpt sample`'s
+    speed (int8, GPT-2 124M shape, 2 threads on an AMD EPYC: ~120 vs ~220
+    tok/s). A thread that ends takes its pool with it."""
+    import threading
+    box = {}
+
+    def run():
+        try:
+            box["value"] = fn()
+        except BaseException as err:        # handed to the caller, raised there
+            box["error"] = err
+
+    thread = threading.Thread(target=run, name="femtogpt-load")
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
 def serve_command(args):
     from .. import _core
     from .sample import check_dtype
     check_dtype(args.dtype)
     if args.threads:
         _core.set_num_threads(args.threads)
-    server = make_server(args.out, args.host, args.port, args.verbose, args.dtype)
+    server = make_server(args.out, args.host, args.port, args.verbose, args.dtype, args.threads)
     host, port = server.server_address[:2]
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"femtogpt: warning: serving on {args.host}, not only this machine: anyone who "

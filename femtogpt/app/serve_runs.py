@@ -25,10 +25,14 @@ class Source:
     Face folder. Models are loaded on demand, one per concurrent request, and
     loaded again when the checkpoint on disk changes."""
 
-    def __init__(self, index, path, dtype="fp32"):
+    def __init__(self, index, path, dtype="fp32", threads=0):
         from ..files.rundir import METRICS_NAME
         self.index, self.path = index, os.path.abspath(path)
         self.dtype = dtype          # the weights' type its models sample in (serve --dtype)
+        # OpenMP threads for its models (serve --threads; 0: the default). Set
+        # in each thread that uses a model: OpenMP's thread count is per thread,
+        # so the main thread's setting does not reach the handlers'.
+        self.threads = threads
         # What the page calls it: the folder's name, or a file's with its
         # folder's. Never the path: the page may be seen from other machines
         # (--host), and where the runs are on this one is not theirs to know.
@@ -156,6 +160,9 @@ class _Lease:
         self.source, self.entry = source, None
 
     def __enter__(self):
+        if self.source.threads:
+            from .. import _core
+            _core.set_num_threads(self.source.threads)
         self.entry = self.source._acquire()
         return self.entry[1], self.entry[2]
 
