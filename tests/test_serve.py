@@ -443,3 +443,21 @@ def test_serve_threads_reach_the_handlers_threads(run_dir):
     finally:
         srv.server_close()
     assert seen == [1]
+
+
+def test_the_live_sample_runs_in_a_thread_that_ends(run_dir, monkeypatch):
+    # the live stream's handler lives as long as the page is open: a model run
+    # there would keep its OpenMP pool as long (see the test above)
+    from femtogpt.app import serve_runs
+    srv = make_server([run_dir], port=0)
+    seen = []
+    real = serve_runs.Source.use
+    monkeypatch.setattr(serve_runs.Source, "use",
+                        lambda self: seen.append(threading.current_thread()) or real(self))
+    try:
+        text = srv.eval_sample(srv.sources[0])
+    finally:
+        srv.server_close()
+    assert isinstance(text, str) and text and not text.startswith("(no sample")
+    assert len(seen) == 1 and seen[0] is not threading.current_thread()
+    assert not seen[0].is_alive()

@@ -31,14 +31,14 @@ import sys
 from ..errors import FemtoGPTError
 from .serve_api import Handler, Server, _EventStream, sample_options
 from .serve_http import MAX_BODY_BYTES, MAX_HANDLERS, BadRequest, Forbidden
-from .serve_runs import Busy, Source, read_rows
+from .serve_runs import Busy, Source, in_a_thread_of_its_own, read_rows
 
 # The pieces, by idea: serve_http.py (HTTP framing, the handler base),
 # serve_runs.py (the runs and their models), serve_api.py (the routes and the
 # server); this module is the command. Their names are handed on from here.
 __all__ = ["BadRequest", "Busy", "Forbidden", "Handler", "MAX_BODY_BYTES", "MAX_HANDLERS",
-           "Server", "Source", "_EventStream", "make_server", "read_rows", "sample_options",
-           "serve_command"]
+           "Server", "Source", "_EventStream", "in_a_thread_of_its_own", "make_server",
+           "read_rows", "sample_options", "serve_command"]
 
 
 def make_server(paths, host="127.0.0.1", port=8000, verbose=False, dtype="fp32", threads=0):
@@ -60,34 +60,6 @@ def make_server(paths, host="127.0.0.1", port=8000, verbose=False, dtype="fp32",
         return Server((host, port), sources, verbose)
     except OSError as err:
         raise ConfigError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
-
-
-def in_a_thread_of_its_own(fn):
-    """fn() in a new thread, which ends with it; its result, or its exception.
-
-    Why: an OpenMP thread pool belongs to the thread that first runs a parallel
-    region, and lives as long as that thread. Models run in the handlers'
-    threads; had the main thread loaded them (a bf16/int8 conversion runs in
-    parallel), its pool's idle worker would stay for the process's life, and
-    with more OpenMP threads than cores libgomp stops spinning at barriers in
-    every other team: the playground streamed at half `femtogpt sample`'s
-    speed (int8, GPT-2 124M shape, 2 threads on an AMD EPYC: ~120 vs ~220
-    tok/s). A thread that ends takes its pool with it."""
-    import threading
-    box = {}
-
-    def run():
-        try:
-            box["value"] = fn()
-        except BaseException as err:        # handed to the caller, raised there
-            box["error"] = err
-
-    thread = threading.Thread(target=run, name="femtogpt-load")
-    thread.start()
-    thread.join()
-    if "error" in box:
-        raise box["error"]
-    return box.get("value")
 
 
 def serve_command(args):

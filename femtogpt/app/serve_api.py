@@ -14,7 +14,7 @@ import numpy as np
 
 from ..errors import FemtoGPTError
 from .serve_http import BadRequest, BoundedHTTPServer, JSONHandler, Refused, _ClientGone
-from .serve_runs import Busy, read_rows, read_rows_from
+from .serve_runs import Busy, in_a_thread_of_its_own, read_rows, read_rows_from
 
 STATIC = {"/": ("index.html", "text/html; charset=utf-8"),
           "/app.js": ("app.js", "text/javascript; charset=utf-8"),
@@ -249,12 +249,17 @@ class Server(BoundedHTTPServer):
         with self._sample_lock:
             if self._samples.get(source.index, (None,))[0] == key:
                 return self._samples[source.index][1]
-        try:
+
+        def sample():
             with source.use() as (model, tokenizer):
                 sink = _Collect()
                 stream_sample(model, tokenizer, "\n", EVAL_SAMPLE_TOKENS, 0.8, 200, None, 0,
                               out=sink, end="")
-                text = "".join(sink.pieces)
+                return "".join(sink.pieces)
+        try:
+            # the live stream's handler lives as long as the page: its thread
+            # must not keep an OpenMP pool (see in_a_thread_of_its_own)
+            text = in_a_thread_of_its_own(sample)
         except (FemtoGPTError, BadRequest) as err:
             text = f"(no sample: {err})"
         with self._sample_lock:

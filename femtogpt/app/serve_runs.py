@@ -155,6 +155,33 @@ class Source:
             self._freed.notify()
 
 
+def in_a_thread_of_its_own(fn):
+    """fn() in a new thread, which ends with it; its result, or its exception.
+
+    Why: an OpenMP thread pool belongs to the thread that first runs a parallel
+    region, and lives as long as that thread. Models run in the handlers'
+    threads; had the main thread loaded them (a bf16/int8 conversion runs in
+    parallel), its pool's idle worker would stay for the process's life, and
+    with more OpenMP threads than cores libgomp stops spinning at barriers in
+    every other team: the playground streamed at half `femtogpt sample`'s
+    speed (int8, GPT-2 124M shape, 2 threads on an AMD EPYC: ~120 vs ~220
+    tok/s). A thread that ends takes its pool with it."""
+    box = {}
+
+    def run():
+        try:
+            box["value"] = fn()
+        except BaseException as err:        # handed to the caller, raised there
+            box["error"] = err
+
+    thread = threading.Thread(target=run, name="femtogpt-load")
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
 class _Lease:
     def __init__(self, source):
         self.source, self.entry = source, None
