@@ -135,14 +135,16 @@ static inline __attribute__((always_inline)) void gemm_bf16_rows_block_avx512(
 /* Panels walked at once for MR rows, each from its own run of panels: for 2
  * rows and more, about 16-24 zmm of sums (of 32), the rest for B and the
  * broadcast. One row (a decode step) is bound by reading B, and there the
- * number of streams is what counts: on Zen 4, one thread, weights from
- * memory (GPT-2's shapes, the variants interleaved in one process, medians
- * of 41 calls), 4 runs read 26-30 GB/s where 8 neighbouring panels (8
- * streams of 48-192 KB, then a jump) read 20-26; 1, 2 and 8 runs were
- * slower on most shapes. */
+ * number of streams is what counts. On Zen 4, GPT-2 124M-shaped bf16 decode,
+ * alternated runs of the whole decode: 2 runs per thread 97-110 tok/s at one
+ * thread where 4 gave 89-122 (3 of 4 pairs to 2 runs), and at two threads
+ * (4 streams in all, not 8) 111-189 where 4 gave 106-182 (4 of 6 pairs, one
+ * even); in a C probe of the product alone (one thread, one shape at a time)
+ * 4 runs read 26-30 GB/s, 2 within 3% of it, where 8 neighbouring panels
+ * (8 streams of 48-192 KB, then a jump) read 20-26. */
 static inline int gemm_bf16_rows_group(int mr)
 {
-    static const int group[GEMM_BF16_ROWS_MAX + 1] = {0, 4, 6, 4, 3, 2, 2, 1, 1};
+    static const int group[GEMM_BF16_ROWS_MAX + 1] = {0, 2, 6, 4, 3, 2, 2, 1, 1};
     return group[mr];
 }
 
