@@ -17,6 +17,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import femtogpt                                        # noqa: E402
 import bench_gpt2_folder as folder_mod                 # noqa: E402
+import bench_ceiling                                   # noqa: E402
 import bench_llama                                     # noqa: E402
 from femtogpt.text.gpt2 import bytes_to_unicode        # noqa: E402
 
@@ -295,9 +296,9 @@ def test_the_ceiling_is_read_bandwidth_over_the_bytes_a_step_reads():
     # GPT-2 124M: 12 C^2 per block x 12 blocks + the 50,257 x 768 lm_head =
     # 123,532,032 weights; 4 bytes at f32, 2 at bf16, 34/32 at q8_0
     shape = folder_mod.GPT2_124M
-    assert bench_llama.streamed_bytes(shape, "f32") == 4 * 123_532_032
-    assert bench_llama.streamed_bytes(shape, "bf16") == 2 * 123_532_032
-    assert bench_llama.streamed_bytes(shape, "q8_0") == pytest.approx(123_532_032 * 34 / 32)
+    assert bench_ceiling.streamed_bytes(shape, "f32") == 4 * 123_532_032
+    assert bench_ceiling.streamed_bytes(shape, "bf16") == 2 * 123_532_032
+    assert bench_ceiling.streamed_bytes(shape, "q8_0") == pytest.approx(123_532_032 * 34 / 32)
     tg = lambda t, th, f, ll: {"type": t, "femtogpt_dtype": bench_llama.TYPES[t],  # noqa: E731
                                "threads": th, "test": "tg128", "femtogpt": {"median": f},
                                "llama_cpp": {"median": ll}}
@@ -306,7 +307,7 @@ def test_the_ceiling_is_read_bandwidth_over_the_bytes_a_step_reads():
         tg("bf16", 2, 110.0, None)],
         "bandwidth": {"1": [{"gb_s": 26.0}, {"gb_s": 30.0}, {"gb_s": 28.0}],
                       "2": [{"error": "memory bandwidth not measured: no C compiler"}]}}
-    rows = bench_llama.ceiling_rows(res)
+    rows = bench_ceiling.ceiling_rows(res)
     assert [(r["type"], r["threads"]) for r in rows] == [("q8_0", 1), ("bf16", 2)]
     q8 = rows[0]
     nbytes = 123_532_032 * 34 / 32
@@ -316,6 +317,13 @@ def test_the_ceiling_is_read_bandwidth_over_the_bytes_a_step_reads():
     assert q8["femtogpt_of_ceiling"] == pytest.approx(150 / (28e9 / nbytes))
     assert q8["most_ratio"] == pytest.approx(28e9 / nbytes / 120)
     assert rows[1]["ceiling_ts"] is None and rows[1]["most_ratio"] is None
+    res["ceiling"] = rows
+    table = bench_ceiling.ceiling_table(res)
+    assert (f"| int8 ↔ q8_0 | 1 | 131 | 28.0 | {28e9 / nbytes:,.1f} | "
+            f"{150 * nbytes / 1e9:,.1f}, {100 * 150 / (28e9 / nbytes):.0f}% |") in "\n".join(table)
+    assert "| bf16 ↔ bf16 | 2 | 247 | — | — |" in "\n".join(table)
+    assert table[-1] == "memory bandwidth not measured: no C compiler"
+    assert bench_ceiling.ceiling_table({"rows": []}) == []
 
 
 def test_the_memory_reader_sums_what_it_reads(tmp_path):
