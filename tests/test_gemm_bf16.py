@@ -112,6 +112,26 @@ def test_packed_b_has_the_documented_layout(lib):
         assert np.array_equal(part, packed[32 * Kp:])
 
 
+def gemm_in_guarded_scratch(lib, ta, tb, M, N, K, A, B, b_packed):
+    """(C, guard): C = op(A) @ op(B) through lib's gemm (B packed first when
+    b_packed) with exactly the scratch it asks for, unaligned on purpose (the
+    header aligns inside), followed by 4 KB of 0xA5 that must come back as is."""
+    size = lib.so.probe_scratch_size(M, N, K, int(b_packed))
+    buf = np.full(size + 4096, 0xA5, np.uint8)  # the scratch, then a guard
+    C = np.zeros((M, N), np.float32)
+    ptr = buf.ctypes.data + 1
+    if b_packed:
+        Bp = lib.pack_b(B, tb, N, K)
+        lib.so.probe_gemm_packed(ta, M, N, K, 1.0, A.ctypes.data_as(probe.F32P), A.shape[1],
+                                 Bp.ctypes.data_as(probe.U16P), 0.0,
+                                 C.ctypes.data_as(probe.F32P), N, ptr)
+    else:
+        lib.so.probe_gemm(ta, tb, M, N, K, 1.0, A.ctypes.data_as(probe.F32P), A.shape[1],
+                          B.ctypes.data_as(probe.F32P), B.shape[1], 0.0,
+                          C.ctypes.data_as(probe.F32P), N, ptr)
+    return C, buf[size + 1:]
+
+
 @pytest.mark.parametrize("b_packed", [False, True])
 def test_kernels_stay_inside_the_scratch_they_asked_for(lib, b_packed):
     path = probe.AVX512BF16 if lib.available(probe.AVX512BF16) else probe.PORTABLE
@@ -120,20 +140,8 @@ def test_kernels_stay_inside_the_scratch_they_asked_for(lib, b_packed):
         rng = np.random.default_rng(2)
         for ta, tb, M, N, K in [(0, 1, 97, 70, 3072), (1, 0, 400, 33, 65), (0, 0, 5, 3, 1)]:
             A, B = probe.operands(rng, ta, tb, M, N, K)
-            size = lib.so.probe_scratch_size(M, N, K, int(b_packed))
-            buf = np.full(size + 4096, 0xA5, np.uint8)  # the scratch, then a guard
-            C = np.zeros((M, N), np.float32)
-            ptr = buf.ctypes.data + 1  # unaligned on purpose: the header aligns inside
-            if b_packed:
-                Bp = lib.pack_b(B, tb, N, K)
-                lib.so.probe_gemm_packed(ta, M, N, K, 1.0, A.ctypes.data_as(probe.F32P), A.shape[1],
-                                         Bp.ctypes.data_as(probe.U16P), 0.0,
-                                         C.ctypes.data_as(probe.F32P), N, ptr)
-            else:
-                lib.so.probe_gemm(ta, tb, M, N, K, 1.0, A.ctypes.data_as(probe.F32P), A.shape[1],
-                                  B.ctypes.data_as(probe.F32P), B.shape[1], 0.0,
-                                  C.ctypes.data_as(probe.F32P), N, ptr)
-            assert (buf[size + 1:] == 0xA5).all(), f"wrote past the scratch for {(ta, tb, M, N, K)}"
+            C, guard = gemm_in_guarded_scratch(lib, ta, tb, M, N, K, A, B, b_packed)
+            assert (guard == 0xA5).all(), f"wrote past the scratch for {(ta, tb, M, N, K)}"
             ref, tol = probe.reference_f64(ta, tb, M, N, K, 1.0, A, B, 0.0, None)
             assert (np.abs(C - ref) <= tol).all()
     finally:
@@ -240,23 +248,11 @@ def test_emulated_amx_stays_inside_the_scratch_it_asked_for(emulated, b_packed):
         for ta, tb, M, N, K in [(0, 1, 97, 70, 3072), (1, 0, 400, 33, 65), (0, 0, 5, 3, 1),
                                 (0, 1, 300, 40, 768), (1, 1, 31, 33, 33)]:
             A, B = probe.operands(rng, ta, tb, M, N, K)
-            size = emulated.so.probe_scratch_size(M, N, K, int(b_packed))
-            buf = np.full(size + 4096, 0xA5, np.uint8)  # the scratch, then a guard
-            C = np.zeros((M, N), np.float32)
-            ptr = buf.ctypes.data + 1  # unaligned on purpose: the header aligns inside
             emulated.so.probe_emu_reset()
-            if b_packed:
-                Bp = emulated.pack_b(B, tb, N, K)
-                emulated.so.probe_gemm_packed(ta, M, N, K, 1.0, A.ctypes.data_as(probe.F32P), A.shape[1],
-                                              Bp.ctypes.data_as(probe.U16P), 0.0,
-                                              C.ctypes.data_as(probe.F32P), N, ptr)
-            else:
-                emulated.so.probe_gemm(ta, tb, M, N, K, 1.0, A.ctypes.data_as(probe.F32P), A.shape[1],
-                                       B.ctypes.data_as(probe.F32P), B.shape[1], 0.0,
-                                       C.ctypes.data_as(probe.F32P), N, ptr)
+            C, guard = gemm_in_guarded_scratch(emulated, ta, tb, M, N, K, A, B, b_packed)
             emulated.emu_check()
             assert emulated.emu_count(probe.EMU_TDPBF16PS) > 0
-            assert (buf[size + 1:] == 0xA5).all(), f"wrote past the scratch for {(ta, tb, M, N, K)}"
+            assert (guard == 0xA5).all(), f"wrote past the scratch for {(ta, tb, M, N, K)}"
             ref, tol = probe.reference_f64(ta, tb, M, N, K, 1.0, A, B, 0.0, None)
             assert (np.abs(C - ref) <= tol).all()
     finally:
